@@ -1,0 +1,59 @@
+// The CPU kernel table. One table per ISA level, each defined in its own translation unit
+// (kernels_<isa>.cpp, compiled with that ISA's flags); the drivers (fp8_quant.cpp,
+// fp8_gemm.cpp) own threading and call through active_kernels(). Kernel TUs include no torch
+// header, so no inline torch code is ever emitted with instructions the CPU may lack.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "cpu/isa.h"
+
+namespace r1x::cpu {
+
+enum class DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
+
+// out[m, n] = sum_kb a_scale[m, kb] * b_scale[n / 128, kb] * sum_{k in kb} a[m, k] * b[n, k]
+struct GemmArgs {
+  const uint8_t* a;      // [m, k] e4m3, row-major
+  const float* a_scale;  // [m, k / 128]
+  const uint8_t* b;      // [n, k] e4m3, row-major
+  const float* b_scale;  // [ceil(n / 128), k / 128]
+  void* out;             // [m, n], kF32 or kBF16
+  DType out_dtype;
+  int64_t m, n, k;       // k % 128 == 0, k > 0
+};
+
+// How the driver splits a GEMM: it packs A once (gemm_pack_a over disjoint row ranges that
+// start at multiples of pack_rows), then runs gemm_tile over a grid of tile_m x tile_n
+// output tiles, each thread with its own scratch.
+struct GemmPlan {
+  int64_t tile_m, tile_n;
+  int64_t pack_rows;
+  size_t packed_a_bytes;
+  size_t scratch_bytes;
+};
+
+struct Kernels {
+  Isa isa;
+  // max |x[i]| over n contiguous elements; NaN if any element is NaN.
+  float (*amax)(const void* x, DType dtype, int64_t n);
+  // q[i] = e4m3(clamp(x[i] / scale, -448, 448)), IEEE division, round to nearest even.
+  void (*quantize)(const void* x, DType dtype, int64_t n, float scale, uint8_t* q);
+  // out[i] = float(q[i]) * scale.
+  void (*dequantize)(const uint8_t* q, int64_t n, float scale, float* out);
+  GemmPlan (*gemm_plan)(int64_t m, int64_t n, int64_t k);
+  void (*gemm_pack_a)(const GemmArgs& args, const GemmPlan& plan, int64_t m0, int64_t m1,
+                      void* packed);
+  void (*gemm_tile)(const GemmArgs& args, const GemmPlan& plan, const void* packed, int64_t m0,
+                    int64_t m1, int64_t n0, int64_t n1, void* scratch);
+};
+
+const Kernels& kernels_generic();
+const Kernels& kernels_avx2();
+const Kernels& kernels_avx512();
+const Kernels& kernels_amx();
+const Kernels& kernels_for(Isa isa);
+inline const Kernels& active_kernels() { return kernels_for(active_isa()); }
+
+}  // namespace r1x::cpu

@@ -1,0 +1,221 @@
+// AMX kernels: the FP8 GEMM on tile matrix multiply (TDPBF16PS), everything else as avx512.
+//
+// The GEMM is computed transposed, C^T = B A^T, because the tile unit wants its second
+// operand in "VNNI" layout ([k/2][cols][2]) and its first row-major: the weight rows B[n, :]
+// are already row-major in memory, so they only need e4m3 -> bf16 decoding into a small
+// buffer (no transposition of the large operand), while A (the activations, decoded and
+// VNNI-packed once per call) takes the transposition. Per 128-wide K block, 4 tile products
+// accumulate in the tile registers, which are then stored and promoted into fp32
+// accumulators with that block's scales (DeepGEMM's promotion, on the CPU).
+#include <cstring>
+
+#include "cpu/avx512_util.h"
+
+namespace r1x::cpu {
+namespace {
+
+constexpr int64_t kTile = 16;        // tile rows; 32 bf16 (64 bytes) per row
+constexpr int64_t kChunk = 32;       // K per tile product
+constexpr int64_t kKc = 1024;        // K slice of B decoded per pass (keeps it in L2)
+constexpr int64_t kTileN = 64;       // output columns per task
+constexpr int64_t kPackRows = 32;    // A is packed (and padded with zeros) to 32-row blocks
+
+struct alignas(64) TileConfig {
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Layout of the packed A: tiles[m / 16][k / 32] of 16 x 16 dwords (bf16 pairs), k-pair-major,
+// then the scales transposed to [k / 128][m32] (zero-padded rows have zero scales).
+inline size_t tiles_bytes(int64_t m, int64_t k) { return static_cast<size_t>(round_up(m, kPackRows) * k) * 2; }
+
+GemmPlan plan_amx(int64_t m, int64_t n, int64_t k) {
+  GemmPlan p;
+  const int64_t m32 = round_up(m, kPackRows);
+  p.tile_m = m32 <= 256 ? m32 : 256;
+  p.tile_n = kTileN;
+  p.pack_rows = kPackRows;
+  p.packed_a_bytes = tiles_bytes(m, k) + static_cast<size_t>(m32 * (k / kGemmBlock)) * 4;
+  const int64_t kc = k < kKc ? k : kKc;
+  p.scratch_bytes = static_cast<size_t>(kTileN * p.tile_m) * 4  // acc (C^T)
+                    + static_cast<size_t>(kTileN * kc) * 2       // decoded B slice
+                    + 4 * 256 * 4;                               // stored C tiles
+  return p;
+}
+
+void pack_a_amx(const GemmArgs& args, const GemmPlan&, int64_t m0, int64_t m1, void* packed) {
+  const Bf16Decoder dec;
+  const int64_t k = args.k, kblocks = k / kGemmBlock, m32 = round_up(args.m, kPackRows);
+  const int64_t mend = m1 == args.m ? m32 : m1;  // the last chunk also writes the padding
+  uint32_t* tiles = static_cast<uint32_t*>(packed);
+  alignas(64) uint16_t rows[kTile][64];
+  for (int64_t mb = m0 / kTile; mb < mend / kTile; ++mb) {
+    for (int64_t k64 = 0; k64 < k; k64 += 64) {
+      for (int64_t r = 0; r < kTile; ++r) {
+        const int64_t m = mb * kTile + r;
+        if (m < args.m) {
+          __m512i o0, o1;
+          dec.decode64(args.a + m * k + k64, o0, o1);
+          _mm512_store_si512(rows[r], o0);
+          _mm512_store_si512(rows[r] + 32, o1);
+        } else {
+          _mm512_store_si512(rows[r], _mm512_setzero_si512());
+          _mm512_store_si512(rows[r] + 32, _mm512_setzero_si512());
+        }
+      }
+      for (int64_t h = 0; h < 2; ++h) {
+        uint32_t* dst = tiles + (mb * (k / kChunk) + k64 / kChunk + h) * 256;
+        for (int64_t kp = 0; kp < 16; ++kp) {
+          // dword kp of each of the 16 rows -> one 64-byte tile row
+          const __m512i idx = _mm512_set_epi32(
+              15 * 32 + kp, 14 * 32 + kp, 13 * 32 + kp, 12 * 32 + kp, 11 * 32 + kp, 10 * 32 + kp,
+              9 * 32 + kp, 8 * 32 + kp, 7 * 32 + kp, 6 * 32 + kp, 5 * 32 + kp, 4 * 32 + kp,
+              3 * 32 + kp, 2 * 32 + kp, 32 + kp, kp);
+          const __m512i v = _mm512_i32gather_epi32(
+              _mm512_add_epi32(idx, _mm512_set1_epi32(static_cast<int>(h * 16))), rows[0], 4);
+          _mm512_storeu_si512(dst + kp * 16, v);
+        }
+      }
+    }
+    float* at = reinterpret_cast<float*>(static_cast<char*>(packed) + tiles_bytes(args.m, k));
+    for (int64_t r = 0; r < kTile; ++r) {
+      const int64_t m = mb * kTile + r;
+      for (int64_t kb = 0; kb < kblocks; ++kb)
+        at[kb * m32 + m] = m < args.m ? args.a_scale[m * kblocks + kb] : 0.0f;
+    }
+  }
+}
+
+// One 32 (n) x 16*MT (m) block of C^T over one 128-wide K block, promoted into acc.
+template <int MT>
+inline void block_128(const uint16_t* bslice, int64_t ldb_bytes, const uint16_t* atiles,
+                      int64_t tiles_per_mb, const float* sa /*16*MT scales*/, float sb,
+                      float* acc, int64_t ldacc, float* ctmp) {
+  _tile_zero(0);
+  _tile_zero(1);
+  if constexpr (MT == 2) {
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  for (int64_t c = 0; c < kGemmBlock / kChunk; ++c) {
+    _tile_loadd(4, bslice + c * kChunk, ldb_bytes);
+    _tile_loadd(5, reinterpret_cast<const char*>(bslice + c * kChunk) + 16 * ldb_bytes, ldb_bytes);
+    _tile_loadd(6, atiles + c * 512, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 5, 6);
+    if constexpr (MT == 2) {
+      _tile_loadd(7, atiles + (tiles_per_mb + c) * 512, 64);
+      _tile_dpbf16ps(2, 4, 7);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, ctmp, 64);
+  _tile_stored(1, ctmp + 256, 64);
+  if constexpr (MT == 2) {
+    _tile_stored(2, ctmp + 512, 64);
+    _tile_stored(3, ctmp + 768, 64);
+  }
+  const __m512 vsb = _mm512_set1_ps(sb);
+  for (int j = 0; j < MT; ++j) {
+    const __m512 s = _mm512_mul_ps(_mm512_loadu_ps(sa + 16 * j), vsb);
+    for (int i = 0; i < 2; ++i) {
+      const float* ct = ctmp + (2 * j + i) * 256;
+      float* arow = acc + (16 * i) * ldacc + 16 * j;
+      for (int r = 0; r < 16; ++r) {
+        float* p = arow + r * ldacc;
+        _mm512_storeu_ps(p, _mm512_fmadd_ps(_mm512_load_ps(ct + 16 * r), s, _mm512_loadu_ps(p)));
+      }
+    }
+  }
+}
+
+void tile_amx(const GemmArgs& args, const GemmPlan& plan, const void* packed, int64_t m0,
+              int64_t m1, int64_t n0, int64_t n1, void* scratch) {
+  TileConfig cfg;
+  std::memset(&cfg, 0, sizeof(cfg));
+  cfg.palette_id = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = 16;
+  }
+  _tile_loadconfig(&cfg);
+
+  const Bf16Decoder dec;
+  const int64_t k = args.k, kblocks = k / kGemmBlock, m32 = round_up(args.m, kPackRows);
+  const int64_t tiles_per_mb = k / kChunk;
+  // rows of A handled, padding included (a single 16-row tile when m <= 16)
+  const int64_t tm = args.m <= kTile ? kTile : round_up(m1 - m0, kPackRows);
+  const int64_t ldacc = plan.tile_m;
+  const int64_t kc = k < kKc ? k : kKc;
+  const int64_t tn_pad = round_up(n1 - n0, 32);
+  float* acc = static_cast<float*>(scratch);  // [kTileN][tile_m], C^T
+  uint16_t* bslice = reinterpret_cast<uint16_t*>(acc + kTileN * plan.tile_m);
+  float* ctmp = reinterpret_cast<float*>(bslice + kTileN * kc);
+  const uint16_t* atiles = static_cast<const uint16_t*>(packed);
+  const float* at = reinterpret_cast<const float*>(static_cast<const char*>(packed) + tiles_bytes(args.m, k));
+  const bool pair = args.m > kTile;
+
+  for (int64_t i = 0; i < tn_pad * ldacc; ++i) acc[i] = 0.0f;
+  for (int64_t k0 = 0; k0 < k; k0 += kc) {
+    const int64_t kl = k - k0 < kc ? k - k0 : kc;
+    // Decode this K slice of the tile's B rows; rows past n are zero.
+    for (int64_t r = 0; r < tn_pad; ++r) {
+      uint16_t* dst = bslice + r * kc;
+      if (n0 + r < n1) {
+        dec.decode_row(args.b + (n0 + r) * k + k0, kl, dst);
+      } else {
+        for (int64_t i = 0; i < kl; i += 32) _mm512_storeu_si512(dst + i, _mm512_setzero_si512());
+      }
+    }
+    for (int64_t ms = 0; ms < tm; ms += pair ? 32 : 16) {
+      const int64_t mb = (m0 + ms) / kTile;
+      for (int64_t ns = 0; ns < tn_pad; ns += 32) {
+        if (n0 + ns >= args.n) break;
+        const float* sb = args.b_scale + ((n0 + ns) / kGemmBlock) * kblocks;
+        for (int64_t kk = k0; kk < k0 + kl; kk += kGemmBlock) {
+          const int64_t kb = kk / kGemmBlock;
+          const uint16_t* bs = bslice + ns * kc + (kk - k0);
+          const uint16_t* ap = atiles + (mb * tiles_per_mb + kk / kChunk) * 512;
+          const float* sa = at + kb * m32 + m0 + ms;
+          float* ac = acc + ns * ldacc + ms;
+          if (pair) {
+            block_128<2>(bs, kc * 2, ap, tiles_per_mb, sa, sb[kb], ac, ldacc, ctmp);
+          } else {
+            block_128<1>(bs, kc * 2, ap, tiles_per_mb, sa, sb[kb], ac, ldacc, ctmp);
+          }
+        }
+      }
+    }
+  }
+  _tile_release();
+
+  // out[m, n] = acc[n, m]
+  const size_t esize = args.out_dtype == DType::kF32 ? 4 : 2;
+  alignas(64) float row[kTileN];
+  for (int64_t m = m0; m < m1; ++m) {
+    for (int64_t n = n0; n < n1; ++n) row[n - n0] = acc[(n - n0) * ldacc + (m - m0)];
+    store_f32_row(row, n1 - n0, args.out_dtype,
+                  static_cast<char*>(args.out) + (m * args.n + n0) * esize);
+  }
+}
+
+}  // namespace
+
+const Kernels& kernels_amx() {
+  static const Kernels k = [] {
+    Kernels t = kernels_avx512();
+    t.isa = Isa::kAmx;
+    t.gemm_plan = plan_amx;
+    t.gemm_pack_a = pack_a_amx;
+    t.gemm_tile = tile_amx;
+    return t;
+  }();
+  return k;
+}
+
+}  // namespace r1x::cpu

@@ -1,0 +1,51 @@
+// r1x._C: every op schema (once), and a tiny Python module with CPU-dispatch controls.
+#include <Python.h>
+#include <torch/library.h>
+
+#include <stdexcept>
+
+#include "cpu/isa.h"
+
+TORCH_LIBRARY(r1x, m) {
+  // FP8 (e4m3) quantization, DESIGN.md 3.1
+  m.def("quant_fp8_per_token_group(Tensor x, int group_size=128, bool ue8m0=False) -> (Tensor, Tensor)");
+  m.def("quant_fp8_per_block(Tensor w, int block_size=128, bool ue8m0=False) -> (Tensor, Tensor)");
+  m.def("dequant_fp8(Tensor q, Tensor scale, int[2] block=[1, 128]) -> Tensor");
+  // FP8 block-scaled GEMM, DESIGN.md 3.2
+  m.def("fp8_gemm(Tensor a, Tensor a_scale, Tensor b, Tensor b_scale, ScalarType? out_dtype=None) -> Tensor");
+}
+
+namespace {
+
+PyObject* py_cpu_isa(PyObject*, PyObject*) {
+  return PyUnicode_FromString(r1x::cpu::isa_name(r1x::cpu::active_isa()));
+}
+
+PyObject* py_detected_cpu_isa(PyObject*, PyObject*) {
+  return PyUnicode_FromString(r1x::cpu::isa_name(r1x::cpu::detected_isa()));
+}
+
+PyObject* py_set_cpu_isa(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_AsUTF8(arg);
+  if (name == nullptr) return nullptr;
+  try {
+    const r1x::cpu::Isa prev = r1x::cpu::set_isa_cap(r1x::cpu::parse_isa(name));
+    return PyUnicode_FromString(r1x::cpu::isa_name(prev));
+  } catch (const std::invalid_argument& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+    return nullptr;
+  }
+}
+
+PyMethodDef methods[] = {
+    {"cpu_isa", py_cpu_isa, METH_NOARGS, "The ISA level the CPU kernels use now."},
+    {"detected_cpu_isa", py_detected_cpu_isa, METH_NOARGS, "The best ISA level this CPU supports."},
+    {"set_cpu_isa", py_set_cpu_isa, METH_O,
+     "Cap the CPU kernels' ISA level (generic, avx2, avx512, amx); returns the previous cap."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "r1x compiled core", -1, methods};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module); }

@@ -1,0 +1,24 @@
+"""r1x: compiled kernels for DeepSeek-V3/R1-style models.
+
+FP8 (e4m3) block-scaled quantization and GEMM today; MoE and MLA next. Every op is
+``r1x.<name>(...)`` and ``torch.ops.r1x.<name>``, on CPU tensors (C++ kernels with runtime ISA
+dispatch) and CUDA tensors (sm_90a kernels, CUTLASS), and works under ``torch.compile``.
+"""
+
+import torch  # noqa: F401  (loads libtorch before the extension)
+
+from r1x import _C  # noqa: F401  (registers the torch.ops.r1x schemas and kernels)
+from r1x.ops.fp8 import dequant_fp8, fp8_gemm, quant_fp8_per_block, quant_fp8_per_token_group
+from r1x.utils import cpu_isa, info, use_cpu_isa
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "quant_fp8_per_token_group",
+    "quant_fp8_per_block",
+    "dequant_fp8",
+    "fp8_gemm",
+    "cpu_isa",
+    "use_cpu_isa",
+    "info",
+]
