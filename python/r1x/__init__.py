@@ -8,6 +8,7 @@ dispatch) and CUDA tensors (sm_90a kernels, CUTLASS), and works under ``torch.co
 import torch  # noqa: F401  (loads libtorch before the extension)
 
 from r1x import _C  # noqa: F401  (registers the torch.ops.r1x schemas and kernels)
+from r1x import reference
 from r1x.ops.fp8 import dequant_fp8, fp8_gemm, quant_fp8_per_block, quant_fp8_per_token_group
 from r1x.utils import cpu_isa, info, use_cpu_isa
 
@@ -21,4 +22,5 @@ __all__ = [
     "cpu_isa",
     "use_cpu_isa",
     "info",
+    "reference",
 ]

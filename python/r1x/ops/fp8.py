@@ -77,14 +77,42 @@ def _ceil_div(a, b):
     return (a + b - 1) // b
 
 
+# The fake (meta) implementations repeat the C++ argument checks (csrc/fp8_checks.h) with the
+# same messages, so torch.compile tracing and meta tensors reject bad input as eagerly as the
+# kernels do.
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_dtype(op, name, t, allowed, expected):
+    torch._check(t.dtype in allowed, lambda: f"{op}: `{name}` must be {expected}, got {t.dtype}")
+
+
+def _check_same_device(op, ref_name, ref, **tensors):
+    for name, t in tensors.items():
+        torch._check(
+            t.device == ref.device,
+            lambda: f"{op}: `{name}` is on {t.device} but `{ref_name}` is on {ref.device}; "
+            "all tensors must be on one device",
+        )
+
+
+def _check_shape(op, name, t, expected, why):
+    torch._check(
+        tuple(t.shape) == tuple(expected),
+        lambda: f"{op}: `{name}` must have shape {list(expected)} ({why}), got {list(t.shape)}",
+    )
+
+
 @torch.library.register_fake("r1x::quant_fp8_per_token_group")
 def _(x, group_size=128, ue8m0=False):
-    torch._check(x.dim() >= 1, lambda: "quant_fp8_per_token_group: `x` must have at least 1 dimension")
-    torch._check(group_size > 0, lambda: "quant_fp8_per_token_group: `group_size` must be positive")
+    op = "quant_fp8_per_token_group"
+    _check_dtype(op, "x", x, _FLOATS, "float32, bfloat16 or float16")
+    torch._check(x.dim() >= 1, lambda: f"{op}: `x` must have at least 1 dimension, got a scalar")
+    torch._check(group_size > 0, lambda: f"{op}: `group_size` must be positive, got {group_size}")
     torch._check(
         x.shape[-1] % group_size == 0,
-        lambda: f"quant_fp8_per_token_group: the last dimension of `x` ({x.shape[-1]}) must be a "
-        f"multiple of `group_size` ({group_size})",
+        lambda: f"{op}: the last dimension of `x` ({x.shape[-1]}) must be a multiple of "
+        f"`group_size` ({group_size})",
     )
     q = torch.empty_like(x, dtype=FP8_DTYPE, memory_format=torch.contiguous_format)
     scale = x.new_empty((*x.shape[:-1], x.shape[-1] // group_size), dtype=torch.float32)
@@ -93,8 +121,10 @@ def _(x, group_size=128, ue8m0=False):
 
 @torch.library.register_fake("r1x::quant_fp8_per_block")
 def _(w, block_size=128, ue8m0=False):
-    torch._check(w.dim() == 2, lambda: "quant_fp8_per_block: `w` must be 2-D")
-    torch._check(block_size > 0, lambda: "quant_fp8_per_block: `block_size` must be positive")
+    op = "quant_fp8_per_block"
+    _check_dtype(op, "w", w, _FLOATS, "float32, bfloat16 or float16")
+    torch._check(w.dim() == 2, lambda: f"{op}: `w` must be 2-D, got shape {list(w.shape)}")
+    torch._check(block_size > 0, lambda: f"{op}: `block_size` must be positive, got {block_size}")
     q = torch.empty_like(w, dtype=FP8_DTYPE, memory_format=torch.contiguous_format)
     scale = w.new_empty(
         (_ceil_div(w.shape[0], block_size), _ceil_div(w.shape[1], block_size)), dtype=torch.float32
@@ -104,17 +134,50 @@ def _(w, block_size=128, ue8m0=False):
 
 @torch.library.register_fake("r1x::dequant_fp8")
 def _(q, scale, block=(1, 128)):
+    op = "dequant_fp8"
+    _check_dtype(op, "q", q, (FP8_DTYPE,), "float8_e4m3fn")
+    _check_dtype(op, "scale", scale, (torch.float32,), "float32")
+    _check_same_device(op, "q", q, scale=scale)
+    torch._check(q.dim() >= 1, lambda: f"{op}: `q` must have at least 1 dimension, got a scalar")
+    torch._check(
+        len(block) == 2 and block[0] >= 1 and block[1] >= 1,
+        lambda: f"{op}: `block` must be two positive sizes (rows, cols), got {list(block)}",
+    )
+    expected = list(q.shape)
+    expected[-1] = _ceil_div(q.shape[-1], block[1])
+    if q.dim() >= 2:
+        expected[-2] = _ceil_div(q.shape[-2], block[0])
+    _check_shape(op, "scale", scale, expected, "one scale per block of `q`")
     return torch.empty_like(q, dtype=torch.float32, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("r1x::fp8_gemm")
 def _(a, a_scale, b, b_scale, out_dtype=None):
+    op = "fp8_gemm"
     out_dtype = torch.bfloat16 if out_dtype is None else out_dtype
     torch._check(
         out_dtype in (torch.bfloat16, torch.float32),
-        lambda: f"fp8_gemm: `out_dtype` must be torch.bfloat16 or torch.float32, got {out_dtype}",
+        lambda: f"{op}: `out_dtype` must be torch.bfloat16 or torch.float32, got {out_dtype}",
     )
-    torch._check(a.dim() == 2 and b.dim() == 2, lambda: "fp8_gemm: `a` and `b` must be 2-D")
-    torch._check(b.shape[1] == a.shape[1], lambda: "fp8_gemm: `b` must be [N, K] with the K of `a`")
-    torch._check(a.shape[1] % BLOCK == 0, lambda: "fp8_gemm: K must be a multiple of 128")
+    for name, t in (("a", a), ("b", b)):
+        _check_dtype(op, name, t, (FP8_DTYPE,), "float8_e4m3fn")
+    for name, t in (("a_scale", a_scale), ("b_scale", b_scale)):
+        _check_dtype(op, name, t, (torch.float32,), "float32")
+    for name, t in (("a", a), ("b", b)):
+        torch._check(t.dim() == 2, lambda: f"{op}: `{name}` must be 2-D, got shape {list(t.shape)}")
+    _check_same_device(op, "a", a, a_scale=a_scale, b=b, b_scale=b_scale)
+    k = a.shape[1]
+    torch._check(
+        b.shape[1] == k,
+        lambda: f"{op}: `b` must be [N, K] with the K of `a` ({k}), got shape {list(b.shape)}",
+    )
+    torch._check(
+        k % BLOCK == 0,
+        lambda: f"{op}: K (the last dimension of `a` and `b`) must be a multiple of 128, got {k}",
+    )
+    _check_shape(op, "a_scale", a_scale, (a.shape[0], k // BLOCK), "[M, K/128]: one scale per 1x128 group")
+    _check_shape(
+        op, "b_scale", b_scale, (_ceil_div(b.shape[0], BLOCK), k // BLOCK),
+        "[ceil(N/128), K/128]: one scale per 128x128 block",
+    )
     return a.new_empty((a.shape[0], b.shape[0]), dtype=out_dtype)

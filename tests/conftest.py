@@ -1,0 +1,57 @@
+import os
+import random
+import zlib
+
+import pytest
+import torch
+
+import r1x
+
+ISA_LEVELS = ["generic", "avx2", "avx512", "amx"]
+SESSION_SEED = int(os.environ.get("R1X_TEST_SEED", random.randrange(2**31)))
+
+
+def pytest_report_header(config):
+    return f"r1x: cpu isa {r1x._C.detected_cpu_isa()}, test seed {SESSION_SEED} (R1X_TEST_SEED to replay)"
+
+
+def available_isas():
+    detected = r1x._C.detected_cpu_isa()
+    return ISA_LEVELS[: ISA_LEVELS.index(detected) + 1]
+
+
+def devices():
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=devices())
+def device(request):
+    return request.param
+
+
+@pytest.fixture(params=available_isas())
+def cpu_isa(request):
+    """Runs the test once per CPU ISA level this machine can execute."""
+    with r1x.use_cpu_isa(request.param):
+        yield request.param
+
+
+@pytest.fixture(autouse=True)
+def poison_uninitialized_memory():
+    """Every torch.empty (in Python and C++) comes back filled with NaN / max ints, so an op
+    that leaves part of its output unwritten fails its comparison."""
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    prev_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.utils.deterministic.fill_uninitialized_memory = prev_fill
+    torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
+
+
+@pytest.fixture
+def gen(request):
+    """A fresh generator per test: new inputs every session (seed in the report header),
+    reproducible with R1X_TEST_SEED."""
+    return torch.Generator().manual_seed(SESSION_SEED ^ zlib.crc32(request.node.nodeid.encode()))
