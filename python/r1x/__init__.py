@@ -11,6 +11,7 @@ from r1x import _C  # noqa: F401  (registers the torch.ops.r1x schemas and kerne
 from r1x import reference
 from r1x.ops.fp8 import dequant_fp8, fp8_gemm, quant_fp8_per_block, quant_fp8_per_token_group
 from r1x.utils import cpu_isa, info, use_cpu_isa
+from r1x import nn  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -23,4 +24,5 @@ __all__ = [
     "use_cpu_isa",
     "info",
     "reference",
+    "nn",
 ]

@@ -10,7 +10,7 @@ def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
 
     0 for identical tensors; about ``rel_err^2 / 2`` for small relative errors.
     """
-    x, y = x.double(), y.double()
+    x, y = x.detach().double(), y.detach().double()
     denom = (x * x + y * y).sum()
     if denom == 0:
         return 0.0

@@ -1,0 +1,5 @@
+"""Layers built on r1x ops."""
+
+from r1x.nn.fp8_linear import FP8Linear
+
+__all__ = ["FP8Linear"]
