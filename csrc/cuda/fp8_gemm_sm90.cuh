@@ -7,10 +7,13 @@
 // by sfa * sfb and added to the main fp32 accumulator in registers.
 //
 // Include from exactly one translation unit per instantiation (fp8_gemm_sm90_{bf16,f32}.cu):
-// each instantiation costs ~45 s and ~4 GB of compiler memory.
+// each instantiation costs about a minute and 4 GB of compiler memory.
 #pragma once
 
 #include "cuda/fp8_gemm_sm90.h"
+
+#include <cstdint>
+#include <type_traits>
 
 #include <cuda_runtime_api.h>
 
@@ -213,17 +216,33 @@ struct Fp8BlockwiseGemm {
     }
   }
 
+  // What the TMA descriptors need beyond CUTLASS's can_implement (which sees no pointers). A
+  // descriptor that fails to encode is only reported on stderr by CUTLASS, and the kernel
+  // would then run with it, so these must hold before initialize().
+  static bool tma_compatible(const Fp8GemmSm90Problem& p) {
+    auto aligned16 = [](const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; };
+    return p.m > 0 && p.n > 0 && p.k > 0 && p.k % kFp8ScaleBlock == 0 && p.a && p.b && p.sfa &&
+           p.sfb && p.out && aligned16(p.a) && aligned16(p.b) && aligned16(p.sfa) &&
+           aligned16(p.out) && p.sfa_ld >= p.m && p.sfa_ld % 4 == 0 && p.ldo >= p.n &&
+           (p.ldo * static_cast<int64_t>(sizeof(ElementD))) % 16 == 0;
+  }
+
   static cudaError_t run(const Fp8GemmSm90Problem& p, void* workspace, size_t workspace_bytes,
                          cudaStream_t stream) {
+    if (!tma_compatible(p)) return cudaErrorInvalidValue;
     int device = 0, sm_count = 0;
     cudaError_t err = current_device(&device, &sm_count);
-    if (err != cudaSuccess) return err;
-
-    // Surface "no sm_90a image for this GPU" as the CUDA error it is, instead of the
-    // kErrorInternal the adapter would turn it into.
-    cudaFuncAttributes attr;
-    err = cudaFuncGetAttributes(&attr, cutlass::device_kernel<GemmKernel>);
-    if (err != cudaSuccess) return err;
+    if (err == cudaSuccess) {
+      // Surface "no sm_90a image for this GPU" as the CUDA error it is, instead of the
+      // kErrorInternal the adapter would turn it into.
+      cudaFuncAttributes attr;
+      err = cudaFuncGetAttributes(&attr, cutlass::device_kernel<GemmKernel>);
+    }
+    if (err != cudaSuccess) {
+      // Returned here; don't leave it behind for the next launch check to report.
+      (void)cudaGetLastError();
+      return err;
+    }
 
     const Arguments args = make_arguments(p, device, sm_count);
 

@@ -296,7 +296,10 @@ dequant_kernel(const uint8_t* __restrict__ q, const float* __restrict__ scale, i
 
 // ---- launch helpers -----------------------------------------------------------------------
 
-inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+inline bool aligned_to(const void* p, uintptr_t a) {
+  return (reinterpret_cast<uintptr_t>(p) & (a - 1)) == 0;
+}
+inline bool aligned16(const void* p) { return aligned_to(p, 16); }
 
 // Enough CTAs to fill the GPU several times over; the kernels grid-stride beyond that.
 inline unsigned grid_for(int64_t work_items, int64_t items_per_cta) {
@@ -318,8 +321,8 @@ cudaError_t launch_quant_group(const T* x, int64_t rows, int64_t k, int64_t grou
   constexpr int kVec = 16 / sizeof(T);
   const int64_t num_groups = rows * (k / group_size);
   // Every group start is 16-byte aligned iff x is and G * sizeof(T) is a multiple of 16;
-  // q then gets kVec-byte aligned stores.
-  if (group_size % kVec == 0 && aligned16(x)) {
+  // q then takes kVec-byte stores, so it must be kVec-byte aligned too.
+  if (group_size % kVec == 0 && aligned16(x) && aligned_to(q, kVec)) {
     const int team = team_for(group_size / kVec);
     const int64_t groups_per_cta = (kThreads / 32) * (32 / team);
     quant_group_kernel<T, kVec, 4><<<grid_for(num_groups, groups_per_cta), kThreads, 0, stream>>>(
@@ -340,7 +343,7 @@ cudaError_t launch_quant_block(const T* w, int64_t n, int64_t k, int64_t block_s
   const int64_t blocks_n = (n + block_size - 1) / block_size;
   const int64_t blocks_k = (k + block_size - 1) / block_size;
   const unsigned grid = grid_for(blocks_n * blocks_k, 1);
-  if (k % kVec == 0 && block_size % kVec == 0 && aligned16(w)) {
+  if (k % kVec == 0 && block_size % kVec == 0 && aligned16(w) && aligned_to(q, kVec)) {
     quant_block_kernel<T, kVec, 8><<<grid, kThreads, 0, stream>>>(
         w, q, scale, n, k, block_size, blocks_n, blocks_k, ue8m0);
   } else {

@@ -1,0 +1,124 @@
+"""Timing and reporting shared by the microbenchmarks.
+
+Timing follows DeepGEMM/FA3 practice: warm-up, then the median of many timed runs, each after
+flushing the caches (a large buffer is rewritten between runs) so that every run reads its
+inputs from memory, as a layer in a real model does.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Timer:
+    device: torch.device
+    min_reps: int = 5
+    max_reps: int = 50
+    budget_s: float = 1.0  # stop after max(min_reps, what fits in this budget)
+    flush_bytes: int = 0
+    _flush: torch.Tensor | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.flush_bytes == 0:
+            # larger than the last-level cache: 512 MB on the CPU (L3 is up to a few hundred
+            # MB on servers), 256 MB on a GPU (L2 is 50-60 MB on Hopper)
+            self.flush_bytes = (256 if self.device.type == "cuda" else 512) << 20
+        self._flush = torch.empty(self.flush_bytes // 4, dtype=torch.float32, device=self.device)
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def flush(self):
+        self._flush.fill_(1.0)
+        self._sync()
+
+    def __call__(self, fn, flush: bool = True) -> dict:
+        """Median seconds of ``fn()`` (with min/max and the number of runs)."""
+        fn()  # warm-up (also compiles / allocates)
+        fn()
+        times = []
+        start = time.perf_counter()
+        while len(times) < self.max_reps and (
+            len(times) < self.min_reps or time.perf_counter() - start < self.budget_s
+        ):
+            if flush:
+                self.flush()
+            if self.device.type == "cuda":
+                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                e0.record()
+                fn()
+                e1.record()
+                e1.synchronize()
+                times.append(e0.elapsed_time(e1) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+        return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
+                "reps": len(times)}
+
+
+def machine_info(device: torch.device) -> dict:
+    import r1x
+
+    d = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "torch": torch.__version__,
+        "r1x": r1x.__version__,
+        "python": platform.python_version(),
+    }
+    if device.type == "cuda":
+        d["device"] = torch.cuda.get_device_name(device)
+        d["cuda"] = torch.version.cuda
+    else:
+        d["device"] = _cpu_model()
+        d["cpu_threads"] = torch.get_num_threads()
+        d["cpu_isa"] = r1x.cpu_isa()
+    return d
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_tag(device: torch.device) -> str:
+    return "cuda" if device.type == "cuda" else "cpu"
+
+
+def format_table(headers: list[str], rows: list[list]) -> str:
+    """A GitHub-flavoured markdown table."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["| " + " | ".join(c.rjust(w) for c, w in zip(r, widths)) + " |" for r in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def write_results(out_dir: str, name: str, meta: dict, records: list[dict], table: str) -> dict:
+    """Writes <name>.json and <name>.md under out_dir; returns the paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"json": os.path.join(out_dir, f"{name}.json"), "md": os.path.join(out_dir, f"{name}.md")}
+    with open(paths["json"], "w") as f:
+        json.dump({"meta": meta, "results": records}, f, indent=1)
+    with open(paths["md"], "w") as f:
+        f.write(f"# {name}\n\n")
+        f.write(", ".join(f"{k}: {v}" for k, v in meta.items()) + "\n\n")
+        f.write(table + "\n")
+    return paths

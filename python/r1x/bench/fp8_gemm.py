@@ -1,0 +1,219 @@
+"""Benchmark of the FP8 block-scaled GEMM against baselines measured in the same run.
+
+Shapes are DeepSeek-V3's (N, K) projections at several token counts M. Baselines:
+
+* ``bf16``: torch bf16 matmul on weights dequantized ahead of time (what FP8 must beat to be
+  worth it: half the weight bytes, same math);
+* ``dequant+bf16``: dequantize the FP8 weight, then bf16 matmul, on every call (DeepSeek-V3's
+  reference inference code does this by default);
+* on a GPU, ``torch._scaled_mm`` with 1x128 / 128x128 blockwise scales where the installed
+  torch supports it, and DeepGEMM's ``fp8_gemm_nt`` when ``deep_gemm`` is installed.
+
+``r1x`` times :func:`r1x.fp8_gemm` on pre-quantized activations; ``r1x+quant`` adds the
+per-token-group quantization of bf16 activations (the whole FP8Linear forward).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+import r1x
+from r1x import reference as ref
+from r1x.bench.common import Timer, device_tag, format_table, machine_info, write_results
+from r1x.testing import calc_diff
+
+NK_SHAPES = [(2112, 7168), (24576, 1536), (7168, 16384), (4096, 7168), (7168, 2048)]
+M_VALUES = [1, 16, 128, 512, 4096]
+# On the CPU the default skips M = 4096 on the two largest weights (minutes each with baselines).
+CPU_SKIP = {(4096, 24576, 1536), (4096, 7168, 16384)}
+
+
+def default_shapes(device: torch.device, full: bool = False) -> list[tuple[int, int, int]]:
+    shapes = [(m, n, k) for (n, k) in NK_SHAPES for m in M_VALUES]
+    if device.type == "cpu" and not full:
+        shapes = [s for s in shapes if s not in CPU_SKIP]
+    return shapes
+
+
+def _scaled_mm_blockwise(qa, sa, qb, sb):
+    """torch._scaled_mm with (1x128, 128x128) scales, or None when this torch lacks it."""
+    if not hasattr(torch, "_scaled_mm"):
+        return None
+    scale_a = sa.t().contiguous().t()  # [M, K/128], M-major
+    scale_b = sb.t()  # [K/128, N/128]
+    b = qb.t()  # [K, N] column-major
+    try:
+        torch._scaled_mm(qa, b, scale_a, scale_b, out_dtype=torch.bfloat16)
+    except (RuntimeError, NotImplementedError, ValueError) as e:
+        return str(e).splitlines()[0][:120]
+    return lambda: torch._scaled_mm(qa, b, scale_a, scale_b, out_dtype=torch.bfloat16)
+
+
+def _deep_gemm(qa, sa, qb, sb):
+    try:
+        import deep_gemm  # noqa: F401
+    except ImportError:
+        return None
+    out = torch.empty(qa.shape[0], qb.shape[0], dtype=torch.bfloat16, device=qa.device)
+    try:
+        fn = getattr(deep_gemm, "fp8_gemm_nt", None) or deep_gemm.gemm_fp8_fp8_bf16_nt
+        fn((qa, sa), (qb, sb), out)
+    except Exception as e:  # noqa: BLE001 (any DeepGEMM failure just drops this baseline)
+        return str(e).splitlines()[0][:120]
+    return lambda: fn((qa, sa), (qb, sb), out)
+
+
+def bench_shape(m: int, n: int, k: int, device: torch.device, timer: Timer, gen) -> dict:
+    w = (torch.randn(n, k, generator=gen) * k**-0.5).to(device, torch.bfloat16)
+    x = torch.randn(m, k, generator=gen).to(device, torch.bfloat16)
+    qb, sb = r1x.quant_fp8_per_block(w)
+    qa, sa = r1x.quant_fp8_per_token_group(x)
+    del w
+    w_deq = r1x.dequant_fp8(qb, sb, (128, 128)).to(torch.bfloat16)  # the pre-dequantized weight
+    x_deq = r1x.dequant_fp8(qa, sa).to(torch.bfloat16)
+
+    def dequant_matmul():
+        wd = (qb.float().reshape(-1, 128, k // 128, 128) if n % 128 == 0 else None)
+        if wd is not None:
+            wd = (wd * sb[:, None, :, None]).reshape(n, k).to(torch.bfloat16)
+        else:
+            wd = ref.dequant_fp8(qb, sb, (128, 128)).to(torch.bfloat16)
+        return x_deq @ wd.t()
+
+    methods = {
+        "r1x": lambda: r1x.fp8_gemm(qa, sa, qb, sb),
+        "r1x+quant": lambda: r1x.fp8_gemm(*r1x.quant_fp8_per_token_group(x), qb, sb),
+        "bf16": lambda: x_deq @ w_deq.t(),
+        "dequant+bf16": dequant_matmul,
+    }
+    notes = {}
+    if device.type == "cuda":
+        for name, make in (("torch._scaled_mm", _scaled_mm_blockwise), ("deep_gemm", _deep_gemm)):
+            fn = make(qa, sa, qb, sb)
+            if callable(fn):
+                methods[name] = fn
+            elif fn is not None:
+                notes[name] = fn
+
+    flops = 2 * m * n * k
+    rec = {"m": m, "n": n, "k": k, "flops": flops, "times": {}, "notes": notes}
+    for name, fn in methods.items():
+        rec["times"][name] = timer(fn)
+    t = rec["times"]["r1x"]["median_s"]
+    rec["tflops"] = flops / t / 1e12
+    rec["gbps"] = (m * k + n * k + 2 * m * n + 4 * (m * k // 128 + sb.numel())) / t / 1e9
+    rec["speedup"] = {b: rec["times"][b]["median_s"] / t for b in rec["times"] if b != "r1x"}
+
+    # numerics: against float64 where affordable, else against an fp32 matmul of the
+    # dequantized operands (itself ~1e-7 from float64)
+    out = r1x.fp8_gemm(qa, sa, qb, sb, out_dtype=torch.float32)
+    if m * n * k <= 2**31 or device.type == "cuda":
+        exact = ref.fp8_gemm(qa, sa, qb, sb, out_dtype=torch.float64)
+        rec["calc_diff_vs"] = "float64"
+    else:
+        exact = x_deq.float() @ w_deq.float().t()
+        rec["calc_diff_vs"] = "float32"
+    rec["calc_diff"] = calc_diff(out, exact)
+    return rec
+
+
+def _fmt_ms(s: float) -> str:
+    return f"{s * 1e3:.3f}"
+
+
+def make_table(records: list[dict]) -> str:
+    baselines = sorted({b for r in records for b in r["speedup"]}, key=lambda b: (b != "bf16", b))
+    headers = ["M", "N", "K", "r1x ms", "TFLOP/s", "GB/s"] + [f"vs {b}" for b in baselines] + ["calc_diff"]
+    rows = []
+    for r in records:
+        row = [r["m"], r["n"], r["k"], _fmt_ms(r["times"]["r1x"]["median_s"]), f"{r['tflops']:.3f}",
+               f"{r['gbps']:.1f}"]
+        row += [f"{r['speedup'][b]:.2f}x" if b in r["speedup"] else "-" for b in baselines]
+        row.append(f"{r['calc_diff']:.1e}")
+        rows.append(row)
+    return format_table(headers, rows)
+
+
+def plot(records: list[dict], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    nks = sorted({(r["n"], r["k"]) for r in records}, key=lambda nk: NK_SHAPES.index(nk) if nk in NK_SHAPES else 99)
+    fig, axes = plt.subplots(1, len(nks), figsize=(4 * len(nks), 3.6), squeeze=False)
+    methods = [m for m in records[0]["times"]]
+    for ax, (n, k) in zip(axes[0], nks):
+        rs = sorted((r for r in records if (r["n"], r["k"]) == (n, k)), key=lambda r: r["m"])
+        for meth in methods:
+            xs = [r["m"] for r in rs if meth in r["times"]]
+            ys = [r["flops"] / r["times"][meth]["median_s"] / 1e12 for r in rs if meth in r["times"]]
+            ax.plot(xs, ys, marker="o", label=meth, linewidth=2.5 if meth == "r1x" else 1.2)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(f"N={n}, K={k}")
+        ax.set_xlabel("M (tokens)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel("TFLOP/s")
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(device: str = "cpu", shapes=None, full: bool = False, out_dir: str | None = None,
+        budget_s: float = 1.0, seed: int = 0, quiet: bool = False) -> dict:
+    dev = torch.device(device)
+    shapes = shapes or default_shapes(dev, full)
+    timer = Timer(dev, budget_s=budget_s)
+    gen = torch.Generator().manual_seed(seed)
+    records = []
+    for m, n, k in shapes:
+        rec = bench_shape(m, n, k, dev, timer, gen)
+        records.append(rec)
+        if not quiet:
+            sp = " ".join(f"{b}={v:.2f}x" for b, v in rec["speedup"].items())
+            print(f"M={m:5d} N={n:6d} K={k:6d}  r1x {_fmt_ms(rec['times']['r1x']['median_s']):>9} ms "
+                  f"{rec['tflops']:8.3f} TFLOP/s  {sp}  calc_diff={rec['calc_diff']:.1e}", flush=True)
+    meta = machine_info(dev)
+    table = make_table(records)
+    result = {"meta": meta, "records": records, "table": table}
+    if out_dir:
+        name = f"fp8_gemm_{device_tag(dev)}"
+        paths = write_results(out_dir, name, meta, records, table)
+        try:
+            plot(records, os.path.join(out_dir, f"{name}.png"), f"r1x fp8_gemm vs baselines: {meta['device']}")
+            paths["png"] = os.path.join(out_dir, f"{name}.png")
+        except ImportError:
+            pass  # matplotlib missing: table and JSON only
+        result["paths"] = paths
+    if not quiet:
+        print(table)
+    return result
+
+
+def parse_shapes(text: str) -> list[tuple[int, int, int]]:
+    out = []
+    for item in text.split(","):
+        m, n, k = (int(v) for v in item.lower().split("x"))
+        out.append((m, n, k))
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--shapes", type=parse_shapes, default=None, help="MxNxK,MxNxK,...")
+    p.add_argument("--full", action="store_true", help="all shapes, also the slow ones on the CPU")
+    p.add_argument("--out", default="benchmarks/results", help="folder for JSON/markdown/PNG")
+    p.add_argument("--budget", type=float, default=1.0, help="seconds of timed runs per method")
+    args = p.parse_args(argv)
+    run(args.device, args.shapes, args.full, args.out, args.budget)
+
+
+if __name__ == "__main__":
+    main()
