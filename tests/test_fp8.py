@@ -176,15 +176,20 @@ def test_fp8_gemm_matches_float64_reference(device, cpu_isa, gen, out_dtype):
             continue
         got = out.cpu().double()
         assert torch.isfinite(got).all()
+        # fp32 accumulation error is bounded by a small multiple of 2^-24 times the sum of the
+        # magnitudes of the terms (cancellation can make |expected| itself tiny)
+        abs_terms = ref.fp8_gemm(a.cpu().float().abs().to(FP8), sa.cpu(), b.cpu().float().abs().to(FP8),
+                                 sb.cpu(), out_dtype=torch.float64)
+        fp32_bound = 2e-6 * abs_terms
         if out_dtype == torch.float32:
-            # fp32 accumulation of exact e4m3 products: far below bf16 rounding (~1e-6 here)
-            assert calc_diff(got, expected) < 1e-11
-            tol = 1e-5 * expected.abs() + 1e-6 * expected.abs().amax(dim=1, keepdim=True)
-            assert ((got - expected).abs() <= tol).all()
+            # far below bf16 rounding: calc_diff ~1e-14 where bf16 output gives ~1e-6 (on a
+            # handful of outputs a single cancellation dominates the metric: bound above covers it)
+            if got.numel() >= 256:
+                assert calc_diff(got, expected) < 1e-11
+            assert ((got - expected).abs() <= fp32_bound).all()
         else:
-            # within one bf16 rounding of the exact value, plus fp32 accumulation slack
-            tol = 2**-8 * expected.abs() + 1e-5 * expected.abs().amax(dim=1, keepdim=True)
-            assert ((got - expected).abs() <= tol).all()
+            # within one bf16 rounding of the exact value, plus the fp32 accumulation slack
+            assert ((got - expected).abs() <= 2**-8 * expected.abs() + fp32_bound).all()
 
 
 def test_fp8_gemm_far_more_accurate_than_bf16_matmul(device, cpu_isa, gen):

@@ -10,6 +10,12 @@
 namespace r1x::cpu {
 namespace {
 
+// How far ahead weight streams are prefetched (bytes).
+#ifndef R1X_PREFETCH_BYTES
+#define R1X_PREFETCH_BYTES 2048
+#endif
+constexpr int64_t kPrefetchBytes = R1X_PREFETCH_BYTES;
+
 inline __m512 load16_f32(const void* x, DType dtype, int64_t i) {
   switch (dtype) {
     case DType::kF32: return _mm512_loadu_ps(static_cast<const float*>(x) + i);
@@ -70,13 +76,13 @@ inline void quantize_avx512_impl(const void* x, DType dtype, int64_t n, float sc
   for (; i < n; ++i) q[i] = f32_to_e4m3(load_as_f32(x, int(dtype), i) / scale);
 }
 
-// e4m3 -> bf16 (exact: every e4m3 value is a bf16 value) by table lookup: vpermi2b looks up
-// the low and the high byte of the bf16 pattern of the 7 magnitude bits (its index uses
-// bits 0-6 only, so the sign bit is ignored for free), the sign is or-ed in, and one more
-// vpermi2b per 32 outputs interleaves low and high bytes back into natural order.
-struct Bf16Decoder {
+// e4m3 -> bf16 or fp32 (exact: every e4m3 value is a bf16 value) by table lookup: vpermi2b
+// looks up the low and the high byte of the bf16 pattern of the 7 magnitude bits (its index
+// uses bits 0-6 only, so the sign bit is ignored for free) and the sign is or-ed in; one more
+// byte permute per 32 bf16 (or, with zero-masking, per 16 fp32) puts the bytes in place.
+struct E4m3Decoder {
   __m512i lo0, lo1, hi0, hi1, mix0, mix1, sign;
-  Bf16Decoder() {
+  E4m3Decoder() {
     alignas(64) static uint8_t tables[6][64];
     static const bool init = [] {
       for (int i = 0; i < 128; ++i) {
@@ -100,15 +106,34 @@ struct Bf16Decoder {
     mix0 = _mm512_load_si512(tables[4]);
     mix1 = _mm512_load_si512(tables[5]);
     sign = _mm512_set1_epi8(static_cast<char>(0x80));
+    // dword i of group 0: bytes (-, -, lo[i], hi[i]) = indices (0, 0, i, 64 + i)
+    const __m512i w0 = _mm512_set_epi32(0x4f0f0000, 0x4e0e0000, 0x4d0d0000, 0x4c0c0000,
+                                        0x4b0b0000, 0x4a0a0000, 0x49090000, 0x48080000,
+                                        0x47070000, 0x46060000, 0x45050000, 0x44040000,
+                                        0x43030000, 0x42020000, 0x41010000, 0x40000000);
+    for (int g = 0; g < 4; ++g) widen[g] = _mm512_add_epi32(w0, _mm512_set1_epi32(0x10100000 * g));
+  }
+  __m512i widen[4];  // group g: indices (-, -, 16g + i, 64 + 16g + i)
+  inline void bytes64(const uint8_t* p, __m512i& lo, __m512i& hi) const {
+    const __m512i u = _mm512_loadu_si512(p);
+    lo = _mm512_permutex2var_epi8(lo0, u, lo1);
+    hi = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(hi0, u, hi1), u, sign, 0xf8);  // a | (b & c)
   }
   // 64 e4m3 bytes -> 64 bf16 (out0: elements 0-31, out1: 32-63).
   inline void decode64(const uint8_t* p, __m512i& out0, __m512i& out1) const {
-    const __m512i u = _mm512_loadu_si512(p);
-    const __m512i lo = _mm512_permutex2var_epi8(lo0, u, lo1);
-    const __m512i hi = _mm512_or_si512(_mm512_permutex2var_epi8(hi0, u, hi1),
-                                       _mm512_and_si512(u, sign));
+    __m512i lo, hi;
+    bytes64(p, lo, hi);
     out0 = _mm512_permutex2var_epi8(lo, mix0, hi);
     out1 = _mm512_permutex2var_epi8(lo, mix1, hi);
+  }
+  // 64 e4m3 bytes -> 64 fp32 (out[g]: elements 16g .. 16g+15): bf16 bytes into the top half
+  // of each dword, the bottom half zeroed by the mask.
+  inline void decode64_f32(const uint8_t* p, __m512 out[4]) const {
+    __m512i lo, hi;
+    bytes64(p, lo, hi);
+    const __mmask64 top = 0xccccccccccccccccULL;
+    for (int g = 0; g < 4; ++g)
+      out[g] = _mm512_castsi512_ps(_mm512_maskz_permutex2var_epi8(top, lo, widen[g], hi));
   }
   // n (multiple of 64) e4m3 bytes -> n bf16.
   inline void decode_row(const uint8_t* src, int64_t n, uint16_t* dst) const {
@@ -126,7 +151,7 @@ inline __m512 bf16x16_to_f32(__m256i h) {
 }
 
 inline void dequantize_avx512_impl(const uint8_t* q, int64_t n, float scale, float* out) {
-  const Bf16Decoder dec;
+  const E4m3Decoder dec;
   const __m512 s = _mm512_set1_ps(scale);
   int64_t i = 0;
   for (; i + 64 <= n; i += 64) {

@@ -16,8 +16,7 @@ namespace {
 
 constexpr int64_t kTile = 16;        // tile rows; 32 bf16 (64 bytes) per row
 constexpr int64_t kChunk = 32;       // K per tile product
-constexpr int64_t kKc = 1024;        // K slice of B decoded per pass (keeps it in L2)
-constexpr int64_t kTileN = 64;       // output columns per task
+constexpr int64_t kTileN = 32;       // output columns per task (inside one weight block)
 constexpr int64_t kPackRows = 32;    // A is packed (and padded with zeros) to 32-row blocks
 
 struct alignas(64) TileConfig {
@@ -41,15 +40,14 @@ GemmPlan plan_amx(int64_t m, int64_t n, int64_t k) {
   p.tile_n = kTileN;
   p.pack_rows = kPackRows;
   p.packed_a_bytes = tiles_bytes(m, k) + static_cast<size_t>(m32 * (k / kGemmBlock)) * 4;
-  const int64_t kc = k < kKc ? k : kKc;
   p.scratch_bytes = static_cast<size_t>(kTileN * p.tile_m) * 4  // acc (C^T)
-                    + static_cast<size_t>(kTileN * kc) * 2       // decoded B slice
-                    + 4 * 256 * 4;                               // stored C tiles
+                    + static_cast<size_t>(kTileN * kGemmBlock) * 2  // decoded B block
+                    + 4 * 256 * 4;                                // stored C tiles
   return p;
 }
 
 void pack_a_amx(const GemmArgs& args, const GemmPlan&, int64_t m0, int64_t m1, void* packed) {
-  const Bf16Decoder dec;
+  const E4m3Decoder dec;
   const int64_t k = args.k, kblocks = k / kGemmBlock, m32 = round_up(args.m, kPackRows);
   const int64_t mend = m1 == args.m ? m32 : m1;  // the last chunk also writes the padding
   uint32_t* tiles = static_cast<uint32_t*>(packed);
@@ -92,8 +90,11 @@ void pack_a_amx(const GemmArgs& args, const GemmPlan&, int64_t m0, int64_t m1, v
 }
 
 // One 32 (n) x 16*MT (m) block of C^T over one 128-wide K block, promoted into acc.
+// btiles: the decoded B slice's 16x32 tile for (first n16 block, this K chunk); tiles are
+// contiguous (1 KB, row stride 64 bytes: no cache-set conflicts), the next K chunk 512
+// elements on, the second n16 block n16_stride elements on.
 template <int MT>
-inline void block_128(const uint16_t* bslice, int64_t ldb_bytes, const uint16_t* atiles,
+inline void block_128(const uint16_t* btiles, int64_t n16_stride, const uint16_t* atiles,
                       int64_t tiles_per_mb, const float* sa /*16*MT scales*/, float sb,
                       float* acc, int64_t ldacc, float* ctmp) {
   _tile_zero(0);
@@ -103,8 +104,8 @@ inline void block_128(const uint16_t* bslice, int64_t ldb_bytes, const uint16_t*
     _tile_zero(3);
   }
   for (int64_t c = 0; c < kGemmBlock / kChunk; ++c) {
-    _tile_loadd(4, bslice + c * kChunk, ldb_bytes);
-    _tile_loadd(5, reinterpret_cast<const char*>(bslice + c * kChunk) + 16 * ldb_bytes, ldb_bytes);
+    _tile_loadd(4, btiles + c * 512, 64);
+    _tile_loadd(5, btiles + n16_stride + c * 512, 64);
     _tile_loadd(6, atiles + c * 512, 64);
     _tile_dpbf16ps(0, 4, 6);
     _tile_dpbf16ps(1, 5, 6);
@@ -145,50 +146,50 @@ void tile_amx(const GemmArgs& args, const GemmPlan& plan, const void* packed, in
   }
   _tile_loadconfig(&cfg);
 
-  const Bf16Decoder dec;
+  const E4m3Decoder dec;
   const int64_t k = args.k, kblocks = k / kGemmBlock, m32 = round_up(args.m, kPackRows);
   const int64_t tiles_per_mb = k / kChunk;
   // rows of A handled, padding included (a single 16-row tile when m <= 16)
   const int64_t tm = args.m <= kTile ? kTile : round_up(m1 - m0, kPackRows);
   const int64_t ldacc = plan.tile_m;
-  const int64_t kc = k < kKc ? k : kKc;
-  const int64_t tn_pad = round_up(n1 - n0, 32);
+  const int64_t rows = n1 - n0;  // <= kTileN (32): one weight block, two 16-row tiles
   float* acc = static_cast<float*>(scratch);  // [kTileN][tile_m], C^T
-  uint16_t* bslice = reinterpret_cast<uint16_t*>(acc + kTileN * plan.tile_m);
-  float* ctmp = reinterpret_cast<float*>(bslice + kTileN * kc);
+  uint16_t* bk = reinterpret_cast<uint16_t*>(acc + kTileN * plan.tile_m);  // [2][4][16][32]
+  float* ctmp = reinterpret_cast<float*>(bk + kTileN * kGemmBlock);
   const uint16_t* atiles = static_cast<const uint16_t*>(packed);
   const float* at = reinterpret_cast<const float*>(static_cast<const char*>(packed) + tiles_bytes(args.m, k));
   const bool pair = args.m > kTile;
+  const float* sb = args.b_scale + (n0 / kGemmBlock) * kblocks;
 
-  for (int64_t i = 0; i < tn_pad * ldacc; ++i) acc[i] = 0.0f;
-  for (int64_t k0 = 0; k0 < k; k0 += kc) {
-    const int64_t kl = k - k0 < kc ? k - k0 : kc;
-    // Decode this K slice of the tile's B rows; rows past n are zero.
-    for (int64_t r = 0; r < tn_pad; ++r) {
-      uint16_t* dst = bslice + r * kc;
-      if (n0 + r < n1) {
-        dec.decode_row(args.b + (n0 + r) * k + k0, kl, dst);
-      } else {
-        for (int64_t i = 0; i < kl; i += 32) _mm512_storeu_si512(dst + i, _mm512_setzero_si512());
+  for (int64_t i = 0; i < kTileN * ldacc; ++i) acc[i] = 0.0f;
+  for (int64_t r = rows; r < kTileN; ++r)  // rows past n stay zero
+    for (int64_t c = 0; c < kGemmBlock; c += kChunk)
+      _mm512_store_si512(bk + (((r / kTile) * 4 + c / kChunk) * kTile + r % kTile) * kChunk, _mm512_setzero_si512());
+  for (int64_t kb = 0; kb < kblocks; ++kb) {
+    // Decode this K block of the tile's rows of B into 16x32 tiles (8 KB, stays in L1). The
+    // rows are separate streams through memory; prefetching ahead on each keeps them moving.
+    for (int64_t r = 0; r < rows; ++r) {
+      const uint8_t* src = args.b + (n0 + r) * k + kb * kGemmBlock;
+      _mm_prefetch(reinterpret_cast<const char*>(src) + kPrefetchBytes / 2, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(src) + kPrefetchBytes / 2 + 64, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(src) + 2 * kPrefetchBytes, _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(src) + 2 * kPrefetchBytes + 64, _MM_HINT_T1);
+      uint16_t* dst = bk + ((r / kTile) * 4 * kTile + r % kTile) * kChunk;
+      for (int64_t j = 0; j < kGemmBlock; j += 64) {
+        __m512i o0, o1;
+        dec.decode64(src + j, o0, o1);
+        _mm512_store_si512(dst + (j / kChunk) * 512, o0);
+        _mm512_store_si512(dst + (j / kChunk + 1) * 512, o1);
       }
     }
     for (int64_t ms = 0; ms < tm; ms += pair ? 32 : 16) {
       const int64_t mb = (m0 + ms) / kTile;
-      for (int64_t ns = 0; ns < tn_pad; ns += 32) {
-        if (n0 + ns >= args.n) break;
-        const float* sb = args.b_scale + ((n0 + ns) / kGemmBlock) * kblocks;
-        for (int64_t kk = k0; kk < k0 + kl; kk += kGemmBlock) {
-          const int64_t kb = kk / kGemmBlock;
-          const uint16_t* bs = bslice + ns * kc + (kk - k0);
-          const uint16_t* ap = atiles + (mb * tiles_per_mb + kk / kChunk) * 512;
-          const float* sa = at + kb * m32 + m0 + ms;
-          float* ac = acc + ns * ldacc + ms;
-          if (pair) {
-            block_128<2>(bs, kc * 2, ap, tiles_per_mb, sa, sb[kb], ac, ldacc, ctmp);
-          } else {
-            block_128<1>(bs, kc * 2, ap, tiles_per_mb, sa, sb[kb], ac, ldacc, ctmp);
-          }
-        }
+      const uint16_t* ap = atiles + (mb * tiles_per_mb + kb * (kGemmBlock / kChunk)) * 512;
+      const float* sa = at + kb * m32 + m0 + ms;
+      if (pair) {
+        block_128<2>(bk, 4 * 512, ap, tiles_per_mb, sa, sb[kb], acc + ms, ldacc, ctmp);
+      } else {
+        block_128<1>(bk, 4 * 512, ap, tiles_per_mb, sa, sb[kb], acc + ms, ldacc, ctmp);
       }
     }
   }

@@ -133,18 +133,18 @@ inline float hsum(__m256 v) {
 template <int MR, int NR>
 inline void block_dots(const float* a, int64_t lda, const float* b, float* out /*[MR][NR]*/) {
   __m256 acc[MR][NR];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
-  for (int64_t kk = 0; kk < kGemmBlock; kk += 8) {
+  _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i)
+    _Pragma("GCC unroll 8") for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
+  _Pragma("GCC unroll 16") for (int64_t kk = 0; kk < kGemmBlock; kk += 8) {
     __m256 bv[NR];
-    for (int j = 0; j < NR; ++j) bv[j] = _mm256_loadu_ps(b + j * kGemmBlock + kk);
-    for (int i = 0; i < MR; ++i) {
+    _Pragma("GCC unroll 8") for (int j = 0; j < NR; ++j) bv[j] = _mm256_loadu_ps(b + j * kGemmBlock + kk);
+    _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) {
       const __m256 av = _mm256_loadu_ps(a + i * lda + kk);
-      for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(av, bv[j], acc[i][j]);
+      _Pragma("GCC unroll 8") for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(av, bv[j], acc[i][j]);
     }
   }
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) out[i * NR + j] = hsum(acc[i][j]);
+  _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i)
+    _Pragma("GCC unroll 8") for (int j = 0; j < NR; ++j) out[i * NR + j] = hsum(acc[i][j]);
 }
 
 template <int NR>
@@ -153,7 +153,7 @@ void tile_rows(const GemmArgs& args, const float* a, int64_t m0, int64_t m1, int
   const int64_t k = args.k, kblocks = k / kGemmBlock;
   const float* sb = args.b_scale + (n / kGemmBlock) * kblocks;
   for (int64_t kb = 0; kb < kblocks; ++kb) {
-    for (int j = 0; j < NR; ++j)
+    _Pragma("GCC unroll 8") for (int j = 0; j < NR; ++j)
       for (int64_t i = 0; i < kGemmBlock; i += 8)
         _mm256_storeu_ps(bbuf + j * kGemmBlock + i,
                          decode8(args.b + (n + j) * k + kb * kGemmBlock + i));
@@ -162,15 +162,15 @@ void tile_rows(const GemmArgs& args, const float* a, int64_t m0, int64_t m1, int
     float d[kMr * NR];
     for (; m + kMr <= m1; m += kMr) {
       block_dots<kMr, NR>(a + m * k + kb * kGemmBlock, k, bbuf, d);
-      for (int i = 0; i < kMr; ++i) {
+      _Pragma("GCC unroll 8") for (int i = 0; i < kMr; ++i) {
         const float s = args.a_scale[(m + i) * kblocks + kb] * sbk;
-        for (int j = 0; j < NR; ++j) acc[(m + i - m0) * tn + (n + j - n0)] += s * d[i * NR + j];
+        _Pragma("GCC unroll 8") for (int j = 0; j < NR; ++j) acc[(m + i - m0) * tn + (n + j - n0)] += s * d[i * NR + j];
       }
     }
     for (; m < m1; ++m) {
       block_dots<1, NR>(a + m * k + kb * kGemmBlock, k, bbuf, d);
       const float s = args.a_scale[m * kblocks + kb] * sbk;
-      for (int j = 0; j < NR; ++j) acc[(m - m0) * tn + (n + j - n0)] += s * d[j];
+      _Pragma("GCC unroll 8") for (int j = 0; j < NR; ++j) acc[(m - m0) * tn + (n + j - n0)] += s * d[j];
     }
   }
 }

@@ -1,5 +1,5 @@
 // AVX-512 kernels (F/BW/VL/DQ/VBMI + AVX512_BF16). The GEMM decodes e4m3 to bf16 with
-// Bf16Decoder and multiplies with vdpbf16ps (pairs of bf16 products summed into fp32 lanes).
+// E4m3Decoder and multiplies with vdpbf16ps (pairs of bf16 products summed into fp32 lanes).
 // e4m3 x e4m3 products are exact in fp32, so the only rounding inside a 128-wide K block is
 // the fp32 accumulation; each block's sums are scaled and added to fp32 accumulators.
 #include "cpu/avx512_util.h"
@@ -15,97 +15,146 @@ void dequantize_avx512(const uint8_t* q, int64_t n, float scale, float* out) {
   dequantize_avx512_impl(q, n, scale, out);
 }
 
-constexpr int kMr = 2;
+constexpr int kMr = 4;
 constexpr int kNr = 4;
 
-// Plan: A decoded once to bf16 [m, k]; a tile decodes kNr rows of B over all of k into
-// scratch (bf16), then sweeps its rows of A with kMr x kNr register accumulators.
 GemmPlan plan_avx512(int64_t m, int64_t n, int64_t k) {
   GemmPlan p;
-  p.tile_m = m < 128 ? m : 128;
-  p.tile_n = 32;
+  p.tile_m = m < 64 ? m : 64;
+  p.tile_n = 32;  // divides 128: a tile never straddles a weight block
   p.pack_rows = 1;
-  p.packed_a_bytes = static_cast<size_t>(m * k) * 2;
-  p.scratch_bytes = static_cast<size_t>(p.tile_m * p.tile_n) * 4 + static_cast<size_t>(kNr * k) * 2;
+  p.packed_a_bytes = static_cast<size_t>(m * k) * 4;
+  p.scratch_bytes = static_cast<size_t>(p.tile_m * k + kNr * k + p.tile_m * p.tile_n) * 4;
   return p;
 }
 
+// A decoded once to exact fp32 values.
 void pack_a_avx512(const GemmArgs& args, const GemmPlan&, int64_t m0, int64_t m1, void* packed) {
-  const Bf16Decoder dec;
-  dec.decode_row(args.a + m0 * args.k, (m1 - m0) * args.k,
-                 static_cast<uint16_t*>(packed) + m0 * args.k);
+  const E4m3Decoder dec;
+  float* dst = static_cast<float*>(packed);
+  for (int64_t i = m0 * args.k; i < m1 * args.k; i += 64) {
+    __m512 v[4];
+    dec.decode64_f32(args.a + i, v);
+    for (int g = 0; g < 4; ++g) _mm512_storeu_ps(dst + i + 16 * g, v[g]);
+  }
 }
 
-inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
-
-// acc[i * NR + j] = sum over k of a[i] . b[j] with per-block scales; b rows share one n-block.
+// out[i][j] = dot(a[i], b[j]) over k, fp32 FMA with MR x NR accumulators.
 template <int MR, int NR>
-inline void micro(const uint16_t* a, const uint16_t* b, int64_t k, const float* sa,
-                  const float* sb, float* out /*[MR][NR]*/) {
-  const int64_t kblocks = k / kGemmBlock;
+inline void micro(const float* a, const float* b, int64_t k, float* out, int64_t ldo) {
   __m512 acc[MR][NR];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
-  for (int64_t kb = 0; kb < kblocks; ++kb) {
-    __m512 blk[MR][NR];
-    for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < NR; ++j) blk[i][j] = _mm512_setzero_ps();
-    for (int64_t c = kb * kGemmBlock; c < (kb + 1) * kGemmBlock; c += 32) {
-      __m512i bv[NR];
-      for (int j = 0; j < NR; ++j) bv[j] = _mm512_loadu_si512(b + j * k + c);
-      for (int i = 0; i < MR; ++i) {
-        const __m512i av = _mm512_loadu_si512(a + i * k + c);
-        for (int j = 0; j < NR; ++j) blk[i][j] = _mm512_dpbf16_ps(blk[i][j], as_bh(av), as_bh(bv[j]));
-      }
-    }
-    for (int i = 0; i < MR; ++i) {
-      const __m512 s = _mm512_set1_ps(sa[i * kblocks + kb] * sb[kb]);
-      for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_fmadd_ps(blk[i][j], s, acc[i][j]);
+  _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i)
+    _Pragma("GCC unroll 8") for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < k; c += 16) {
+    __m512 bv[NR];
+    _Pragma("GCC unroll 8") for (int j = 0; j < NR; ++j) bv[j] = _mm512_loadu_ps(b + j * k + c);
+    _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) {
+      const __m512 av = _mm512_loadu_ps(a + i * k + c);
+      _Pragma("GCC unroll 8") for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_fmadd_ps(av, bv[j], acc[i][j]);
     }
   }
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) out[i * NR + j] = _mm512_reduce_add_ps(acc[i][j]);
+  _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i)
+    _Pragma("GCC unroll 8") for (int j = 0; j < NR; ++j) out[i * ldo + j] = _mm512_reduce_add_ps(acc[i][j]);
 }
 
 template <int NR>
-inline void rows_of_b(const GemmArgs& args, const uint16_t* a, int64_t m0, int64_t m1, int64_t n,
-                      int64_t n0, int64_t tn, const uint16_t* bbuf, float* acc) {
-  const int64_t k = args.k, kblocks = k / kGemmBlock;
-  const float* sb = args.b_scale + (n / kGemmBlock) * kblocks;
-  float d[kMr * NR];
-  int64_t m = m0;
-  for (; m + kMr <= m1; m += kMr) {
-    micro<kMr, NR>(a + m * k, bbuf, k, args.a_scale + m * kblocks, sb, d);
-    for (int i = 0; i < kMr; ++i)
-      for (int j = 0; j < NR; ++j) acc[(m + i - m0) * tn + (n + j - n0)] = d[i * NR + j];
+inline void rows_of_b(const float* as, int64_t tm, int64_t k, const float* bbuf, float* acc,
+                      int64_t tn) {
+  int64_t i = 0;
+  for (; i + kMr <= tm; i += kMr) micro<kMr, NR>(as + i * k, bbuf, k, acc + i * tn, tn);
+  switch (tm - i) {
+    case 3: micro<3, NR>(as + i * k, bbuf, k, acc + i * tn, tn); break;
+    case 2: micro<2, NR>(as + i * k, bbuf, k, acc + i * tn, tn); break;
+    case 1: micro<1, NR>(as + i * k, bbuf, k, acc + i * tn, tn); break;
+    default: break;
   }
-  for (; m < m1; ++m) {
-    micro<1, NR>(a + m * k, bbuf, k, args.a_scale + m * kblocks, sb, d);
-    for (int j = 0; j < NR; ++j) acc[(m - m0) * tn + (n + j - n0)] = d[j];
+}
+
+// Decode fused into the dot products (no B buffer), for tiles of at most two rows of A: B
+// is read exactly once, straight from memory, NR rows (NR streams) at a time.
+template <int MR, int NR>
+inline void fused_rows(const E4m3Decoder& dec, const float* as, const uint8_t* b, int64_t k,
+                       float* out, int64_t ldo) {
+  __m512 acc[MR][NR];
+  _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i)
+    _Pragma("GCC unroll 8") for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < k; c += 64) {
+    _Pragma("GCC unroll 8") for (int j = 0; j < NR; ++j) {
+      const uint8_t* src = b + j * k + c;
+      _mm_prefetch(reinterpret_cast<const char*>(src) + kPrefetchBytes, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(src) + 4 * kPrefetchBytes, _MM_HINT_T1);
+      __m512 v[4];
+      dec.decode64_f32(src, v);
+      _Pragma("GCC unroll 4") for (int g = 0; g < 4; ++g)
+        _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i)
+          acc[i][j] = _mm512_fmadd_ps(_mm512_loadu_ps(as + i * k + c + 16 * g), v[g], acc[i][j]);
+    }
   }
+  _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i)
+    _Pragma("GCC unroll 8") for (int j = 0; j < NR; ++j) out[i * ldo + j] = _mm512_reduce_add_ps(acc[i][j]);
+}
+
+template <int MR>
+inline void fused_tile(const E4m3Decoder& dec, const float* as, const GemmArgs& args, int64_t n0,
+                       int64_t n1, float* acc, int64_t tn) {
+  const int64_t k = args.k;
+  int64_t n = n0;
+  for (; n + kNr <= n1; n += kNr) fused_rows<MR, kNr>(dec, as, args.b + n * k, k, acc + (n - n0), tn);
+  for (; n < n1; ++n) fused_rows<MR, 1>(dec, as, args.b + n * k, k, acc + (n - n0), tn);
 }
 
 void tile_avx512(const GemmArgs& args, const GemmPlan& plan, const void* packed, int64_t m0,
                  int64_t m1, int64_t n0, int64_t n1, void* scratch) {
-  const Bf16Decoder dec;
-  const uint16_t* a = static_cast<const uint16_t*>(packed);
-  const int64_t k = args.k, tn = n1 - n0;
-  float* acc = static_cast<float*>(scratch);
-  uint16_t* bbuf = reinterpret_cast<uint16_t*>(acc + plan.tile_m * plan.tile_n);
-  int64_t n = n0;
-  // tile_n divides 128 and is a multiple of kNr: kNr rows never straddle a scale block.
-  for (; n + kNr <= n1; n += kNr) {
-    dec.decode_row(args.b + n * k, kNr * k, bbuf);
-    rows_of_b<kNr>(args, a, m0, m1, n, n0, tn, bbuf, acc);
+  const E4m3Decoder dec;
+  const float* a = static_cast<const float*>(packed);
+  const int64_t k = args.k, kblocks = k / kGemmBlock, tm = m1 - m0, tn = n1 - n0;
+  float* as = static_cast<float*>(scratch);  // [tm][k]: A with both scales folded in
+  float* bbuf = as + plan.tile_m * k;        // [kNr][k]: decoded rows of B
+  float* acc = bbuf + kNr * k;               // [tm][tn]
+  const float* sb = args.b_scale + (n0 / kGemmBlock) * kblocks;
+  for (int64_t i = 0; i < tm; ++i) {
+    const float* src = a + (m0 + i) * k;
+    const float* sa = args.a_scale + (m0 + i) * kblocks;
+    for (int64_t kb = 0; kb < kblocks; ++kb) {
+      const __m512 s = _mm512_set1_ps(sa[kb] * sb[kb]);
+      for (int64_t c = kb * kGemmBlock; c < (kb + 1) * kGemmBlock; c += 16)
+        _mm512_storeu_ps(as + i * k + c, _mm512_mul_ps(_mm512_loadu_ps(src + c), s));
+    }
   }
-  for (; n < n1; ++n) {
-    dec.decode_row(args.b + n * k, k, bbuf);
-    rows_of_b<1>(args, a, m0, m1, n, n0, tn, bbuf, acc);
+  if (tm <= 2) {
+    if (tm == 2) {
+      fused_tile<2>(dec, as, args, n0, n1, acc, tn);
+    } else {
+      fused_tile<1>(dec, as, args, n0, n1, acc, tn);
+    }
+  }
+  for (int64_t n = tm <= 2 ? n1 : n0; n < n1; n += kNr) {
+    const int64_t rows = n1 - n < kNr ? n1 - n : kNr;
+    for (int64_t j = 0; j < rows; ++j) {
+      const uint8_t* src = args.b + (n + j) * k;
+      float* dst = bbuf + j * k;
+      for (int64_t c = 0; c < k; c += 64) {
+        // B streams from memory once: prefetch ahead (rows are contiguous, so past the row end
+        // too), which keeps more misses in flight than the hardware prefetchers do.
+        _mm_prefetch(reinterpret_cast<const char*>(src + c) + kPrefetchBytes, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(src + c) + 4 * kPrefetchBytes, _MM_HINT_T1);
+        __m512 v[4];
+        dec.decode64_f32(src + c, v);
+        for (int g = 0; g < 4; ++g) _mm512_storeu_ps(dst + c + 16 * g, v[g]);
+      }
+    }
+    float* out = acc + (n - n0);
+    switch (rows) {
+      case 4: rows_of_b<4>(as, tm, k, bbuf, out, tn); break;
+      case 3: rows_of_b<3>(as, tm, k, bbuf, out, tn); break;
+      case 2: rows_of_b<2>(as, tm, k, bbuf, out, tn); break;
+      default: rows_of_b<1>(as, tm, k, bbuf, out, tn); break;
+    }
   }
   const size_t esize = args.out_dtype == DType::kF32 ? 4 : 2;
-  for (int64_t m = m0; m < m1; ++m)
-    store_f32_row(acc + (m - m0) * tn, tn, args.out_dtype,
-                  static_cast<char*>(args.out) + (m * args.n + n0) * esize);
+  for (int64_t i = 0; i < tm; ++i)
+    store_f32_row(acc + i * tn, tn, args.out_dtype,
+                  static_cast<char*>(args.out) + ((m0 + i) * args.n + n0) * esize);
 }
 
 }  // namespace
