@@ -32,6 +32,7 @@ struct GemmPlan {
   int64_t pack_rows;
   size_t packed_a_bytes;
   size_t scratch_bytes;
+  int variant = 0;  // kernel-specific choice made by gemm_plan (e.g. another ISA's path)
 };
 
 struct Kernels {

@@ -18,6 +18,7 @@ constexpr int64_t kTile = 16;        // tile rows; 32 bf16 (64 bytes) per row
 constexpr int64_t kChunk = 32;       // K per tile product
 constexpr int64_t kTileN = 32;       // output columns per task (inside one weight block)
 constexpr int64_t kPackRows = 32;    // A is packed (and padded with zeros) to 32-row blocks
+constexpr int64_t kAmxPrefetchL1 = 1024;  // per weight row, bytes ahead into L1
 
 struct alignas(64) TileConfig {
   uint8_t palette_id;
@@ -33,7 +34,17 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 // then the scales transposed to [k / 128][m32] (zero-padded rows have zero scales).
 inline size_t tiles_bytes(int64_t m, int64_t k) { return static_cast<size_t>(round_up(m, kPackRows) * k) * 2; }
 
+// A handful of rows (decode-sized batches) cannot fill the 16-row tiles: the AVX-512 FMA path
+// with its fused decode streams the weights faster there.
+constexpr int64_t kMaxRowsForFma = 2;
+constexpr int kVariantFma = 1;
+
 GemmPlan plan_amx(int64_t m, int64_t n, int64_t k) {
+  if (m <= kMaxRowsForFma) {
+    GemmPlan p = kernels_avx512().gemm_plan(m, n, k);
+    p.variant = kVariantFma;
+    return p;
+  }
   GemmPlan p;
   const int64_t m32 = round_up(m, kPackRows);
   p.tile_m = m32 <= 256 ? m32 : 256;
@@ -46,7 +57,8 @@ GemmPlan plan_amx(int64_t m, int64_t n, int64_t k) {
   return p;
 }
 
-void pack_a_amx(const GemmArgs& args, const GemmPlan&, int64_t m0, int64_t m1, void* packed) {
+void pack_a_amx(const GemmArgs& args, const GemmPlan& plan, int64_t m0, int64_t m1, void* packed) {
+  if (plan.variant == kVariantFma) return kernels_avx512().gemm_pack_a(args, plan, m0, m1, packed);
   const E4m3Decoder dec;
   const int64_t k = args.k, kblocks = k / kGemmBlock, m32 = round_up(args.m, kPackRows);
   const int64_t mend = m1 == args.m ? m32 : m1;  // the last chunk also writes the padding
@@ -103,16 +115,34 @@ inline void block_128(const uint16_t* btiles, int64_t n16_stride, const uint16_t
     _tile_zero(2);
     _tile_zero(3);
   }
-  for (int64_t c = 0; c < kGemmBlock / kChunk; ++c) {
-    _tile_loadd(4, btiles + c * 512, 64);
-    _tile_loadd(5, btiles + n16_stride + c * 512, 64);
-    _tile_loadd(6, atiles + c * 512, 64);
+  // Tile registers are not renamed: a load into a tile waits until every product reading
+  // it has finished. Loading each operand of the next K chunk right after its last use in
+  // this one lets the load run under the remaining products instead of stalling the unit.
+  constexpr int kChunks = kGemmBlock / kChunk;
+  _tile_loadd(4, btiles, 64);
+  _tile_loadd(6, atiles, 64);
+  _tile_loadd(5, btiles + n16_stride, 64);
+  if constexpr (MT == 2) _tile_loadd(7, atiles + tiles_per_mb * 512, 64);
+  _Pragma("GCC unroll 4") for (int c = 0; c < kChunks; ++c) {
+    const bool more = c + 1 < kChunks;
     _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 5, 6);
     if constexpr (MT == 2) {
-      _tile_loadd(7, atiles + (tiles_per_mb + c) * 512, 64);
       _tile_dpbf16ps(2, 4, 7);
+      if (more) _tile_loadd(4, btiles + (c + 1) * 512, 64);
+      _tile_dpbf16ps(1, 5, 6);
+      if (more) _tile_loadd(6, atiles + (c + 1) * 512, 64);
       _tile_dpbf16ps(3, 5, 7);
+      if (more) {
+        _tile_loadd(5, btiles + n16_stride + (c + 1) * 512, 64);
+        _tile_loadd(7, atiles + (tiles_per_mb + c + 1) * 512, 64);
+      }
+    } else {
+      if (more) _tile_loadd(4, btiles + (c + 1) * 512, 64);
+      _tile_dpbf16ps(1, 5, 6);
+      if (more) {
+        _tile_loadd(6, atiles + (c + 1) * 512, 64);
+        _tile_loadd(5, btiles + n16_stride + (c + 1) * 512, 64);
+      }
     }
   }
   _tile_stored(0, ctmp, 64);
@@ -137,6 +167,9 @@ inline void block_128(const uint16_t* btiles, int64_t n16_stride, const uint16_t
 
 void tile_amx(const GemmArgs& args, const GemmPlan& plan, const void* packed, int64_t m0,
               int64_t m1, int64_t n0, int64_t n1, void* scratch) {
+  if (plan.variant == kVariantFma) {
+    return kernels_avx512().gemm_tile(args, plan, packed, m0, m1, n0, n1, scratch);
+  }
   TileConfig cfg;
   std::memset(&cfg, 0, sizeof(cfg));
   cfg.palette_id = 1;
@@ -166,14 +199,12 @@ void tile_amx(const GemmArgs& args, const GemmPlan& plan, const void* packed, in
     for (int64_t c = 0; c < kGemmBlock; c += kChunk)
       _mm512_store_si512(bk + (((r / kTile) * 4 + c / kChunk) * kTile + r % kTile) * kChunk, _mm512_setzero_si512());
   for (int64_t kb = 0; kb < kblocks; ++kb) {
-    // Decode this K block of the tile's rows of B into 16x32 tiles (8 KB, stays in L1). The
-    // rows are separate streams through memory; prefetching ahead on each keeps them moving.
+    // Decode this K block of the tile's rows of B into 16x32 tiles (8 KB, stays in L1),
+    // prefetching each row's stream ahead.
     for (int64_t r = 0; r < rows; ++r) {
       const uint8_t* src = args.b + (n0 + r) * k + kb * kGemmBlock;
-      _mm_prefetch(reinterpret_cast<const char*>(src) + kPrefetchBytes / 2, _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(src) + kPrefetchBytes / 2 + 64, _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(src) + 2 * kPrefetchBytes, _MM_HINT_T1);
-      _mm_prefetch(reinterpret_cast<const char*>(src) + 2 * kPrefetchBytes + 64, _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(src) + kAmxPrefetchL1, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(src) + kAmxPrefetchL1 + 64, _MM_HINT_T0);
       uint16_t* dst = bk + ((r / kTile) * 4 * kTile + r % kTile) * kChunk;
       for (int64_t j = 0; j < kGemmBlock; j += 64) {
         __m512i o0, o1;
@@ -195,13 +226,20 @@ void tile_amx(const GemmArgs& args, const GemmPlan& plan, const void* packed, in
   }
   _tile_release();
 
-  // out[m, n] = acc[n, m]
+  // out[m, n] = acc[n, m], transposed 16 rows of m at a time through a small buffer so that
+  // both acc and out are read and written along cache lines.
   const size_t esize = args.out_dtype == DType::kF32 ? 4 : 2;
-  alignas(64) float row[kTileN];
-  for (int64_t m = m0; m < m1; ++m) {
-    for (int64_t n = n0; n < n1; ++n) row[n - n0] = acc[(n - n0) * ldacc + (m - m0)];
-    store_f32_row(row, n1 - n0, args.out_dtype,
-                  static_cast<char*>(args.out) + (m * args.n + n0) * esize);
+  alignas(64) float buf[kTile][kTileN];
+  for (int64_t mb = m0; mb < m1; mb += kTile) {
+    const int64_t mrows = m1 - mb < kTile ? m1 - mb : kTile;
+    for (int64_t r = 0; r < rows; ++r) {
+      alignas(64) float v[kTile];
+      _mm512_store_ps(v, _mm512_loadu_ps(acc + r * ldacc + (mb - m0)));
+      for (int64_t i = 0; i < kTile; ++i) buf[i][r] = v[i];
+    }
+    for (int64_t i = 0; i < mrows; ++i)
+      store_f32_row(buf[i], rows, args.out_dtype,
+                    static_cast<char*>(args.out) + ((mb + i) * args.n + n0) * esize);
   }
 }
 
