@@ -16,7 +16,7 @@ namespace {
 
 constexpr int64_t kTile = 16;        // tile rows; 32 bf16 (64 bytes) per row
 constexpr int64_t kChunk = 32;       // K per tile product
-constexpr int64_t kTileN = 32;       // output columns per task (inside one weight block)
+constexpr int64_t kTileNMax = 128;   // output columns per task (inside one weight block)
 constexpr int64_t kPackRows = 32;    // A is packed (and padded with zeros) to 32-row blocks
 constexpr int64_t kAmxPrefetchL1 = 1024;  // per weight row, bytes ahead into L1
 
@@ -48,11 +48,13 @@ GemmPlan plan_amx(int64_t m, int64_t n, int64_t k) {
   GemmPlan p;
   const int64_t m32 = round_up(m, kPackRows);
   p.tile_m = m32 <= 256 ? m32 : 256;
-  p.tile_n = kTileN;
+  // Large batches reuse each A tile across 128 columns (A traffic from L3 is what limits
+  // them); small ones keep 32-column tasks so both threads have work.
+  p.tile_n = m >= 128 ? kTileNMax : 32;
   p.pack_rows = kPackRows;
   p.packed_a_bytes = tiles_bytes(m, k) + static_cast<size_t>(m32 * (k / kGemmBlock)) * 4;
-  p.scratch_bytes = static_cast<size_t>(kTileN * p.tile_m) * 4  // acc (C^T)
-                    + static_cast<size_t>(kTileN * kGemmBlock) * 2  // decoded B block
+  p.scratch_bytes = static_cast<size_t>(p.tile_n * p.tile_m) * 4  // acc (C^T)
+                    + static_cast<size_t>(p.tile_n * kGemmBlock) * 2  // decoded B block
                     + 4 * 256 * 4;                                // stored C tiles
   return p;
 }
@@ -185,17 +187,18 @@ void tile_amx(const GemmArgs& args, const GemmPlan& plan, const void* packed, in
   // rows of A handled, padding included (a single 16-row tile when m <= 16)
   const int64_t tm = args.m <= kTile ? kTile : round_up(m1 - m0, kPackRows);
   const int64_t ldacc = plan.tile_m;
-  const int64_t rows = n1 - n0;  // <= kTileN (32): one weight block, two 16-row tiles
-  float* acc = static_cast<float*>(scratch);  // [kTileN][tile_m], C^T
-  uint16_t* bk = reinterpret_cast<uint16_t*>(acc + kTileN * plan.tile_m);  // [2][4][16][32]
-  float* ctmp = reinterpret_cast<float*>(bk + kTileN * kGemmBlock);
+  const int64_t tile_n = plan.tile_n, rows = n1 - n0;  // rows <= tile_n: one weight block
+  const int64_t rows_pad = round_up(rows, 32);
+  float* acc = static_cast<float*>(scratch);  // [tile_n][tile_m], C^T
+  uint16_t* bk = reinterpret_cast<uint16_t*>(acc + tile_n * plan.tile_m);  // [n/16][4][16][32]
+  float* ctmp = reinterpret_cast<float*>(bk + tile_n * kGemmBlock);
   const uint16_t* atiles = static_cast<const uint16_t*>(packed);
   const float* at = reinterpret_cast<const float*>(static_cast<const char*>(packed) + tiles_bytes(args.m, k));
   const bool pair = args.m > kTile;
   const float* sb = args.b_scale + (n0 / kGemmBlock) * kblocks;
 
-  for (int64_t i = 0; i < kTileN * ldacc; ++i) acc[i] = 0.0f;
-  for (int64_t r = rows; r < kTileN; ++r)  // rows past n stay zero
+  for (int64_t i = 0; i < rows_pad * ldacc; ++i) acc[i] = 0.0f;
+  for (int64_t r = rows; r < rows_pad; ++r)  // rows past n stay zero
     for (int64_t c = 0; c < kGemmBlock; c += kChunk)
       _mm512_store_si512(bk + (((r / kTile) * 4 + c / kChunk) * kTile + r % kTile) * kChunk, _mm512_setzero_si512());
   for (int64_t kb = 0; kb < kblocks; ++kb) {
@@ -217,10 +220,14 @@ void tile_amx(const GemmArgs& args, const GemmPlan& plan, const void* packed, in
       const int64_t mb = (m0 + ms) / kTile;
       const uint16_t* ap = atiles + (mb * tiles_per_mb + kb * (kGemmBlock / kChunk)) * 512;
       const float* sa = at + kb * m32 + m0 + ms;
-      if (pair) {
-        block_128<2>(bk, 4 * 512, ap, tiles_per_mb, sa, sb[kb], acc + ms, ldacc, ctmp);
-      } else {
-        block_128<1>(bk, 4 * 512, ap, tiles_per_mb, sa, sb[kb], acc + ms, ldacc, ctmp);
+      for (int64_t ns = 0; ns < rows_pad; ns += 32) {
+        const uint16_t* bs = bk + (ns / kTile) * 4 * 512;
+        float* ac = acc + ns * ldacc + ms;
+        if (pair) {
+          block_128<2>(bs, 4 * 512, ap, tiles_per_mb, sa, sb[kb], ac, ldacc, ctmp);
+        } else {
+          block_128<1>(bs, 4 * 512, ap, tiles_per_mb, sa, sb[kb], ac, ldacc, ctmp);
+        }
       }
     }
   }
@@ -229,7 +236,7 @@ void tile_amx(const GemmArgs& args, const GemmPlan& plan, const void* packed, in
   // out[m, n] = acc[n, m], transposed 16 rows of m at a time through a small buffer so that
   // both acc and out are read and written along cache lines.
   const size_t esize = args.out_dtype == DType::kF32 ? 4 : 2;
-  alignas(64) float buf[kTile][kTileN];
+  alignas(64) float buf[kTile][kTileNMax];
   for (int64_t mb = m0; mb < m1; mb += kTile) {
     const int64_t mrows = m1 - mb < kTile ? m1 - mb : kTile;
     for (int64_t r = 0; r < rows; ++r) {

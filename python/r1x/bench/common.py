@@ -42,6 +42,40 @@ class Timer:
         self._flush.fill_(1.0)
         self._sync()
 
+    def compare(self, fns: dict, flush: bool = True) -> dict:
+        """Times several functions with their runs interleaved (one run of each per round), so
+        that the machine's slow and fast moments fall on all of them alike; returns the
+        median seconds (and min/max/runs) of each. Runs continue until ``budget_s`` of timed
+        runs, at least ``min_reps`` rounds."""
+        for fn in fns.values():  # warm-up
+            fn()
+            fn()
+        times = {name: [] for name in fns}
+        spent = 0.0
+        rounds = 0
+        while rounds < self.max_reps and (rounds < self.min_reps or spent < self.budget_s):
+            for name, fn in fns.items():
+                t = self._time_one(fn, flush)
+                times[name].append(t)
+                spent += t
+            rounds += 1
+        return {name: {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts),
+                       "reps": len(ts)} for name, ts in times.items()}
+
+    def _time_one(self, fn, flush: bool) -> float:
+        if flush:
+            self.flush()
+        if self.device.type == "cuda":
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            fn()
+            e1.record()
+            e1.synchronize()
+            return e0.elapsed_time(e1) / 1e3
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
     def __call__(self, fn, flush: bool = True) -> dict:
         """Median seconds of ``fn()`` (with min/max and the number of runs)."""
         fn()  # warm-up (also compiles / allocates)
@@ -51,19 +85,7 @@ class Timer:
         while len(times) < self.max_reps and (
             len(times) < self.min_reps or time.perf_counter() - start < self.budget_s
         ):
-            if flush:
-                self.flush()
-            if self.device.type == "cuda":
-                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                e0.record()
-                fn()
-                e1.record()
-                e1.synchronize()
-                times.append(e0.elapsed_time(e1) / 1e3)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
+            times.append(self._time_one(fn, flush))
         return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
                 "reps": len(times)}
 

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# GPU check, run on a lent Hopper machine (H100/H200) from the repository root:
+#   builds r1x with its sm_90a kernels, runs the test suite (CUDA tests included) and the
+#   benchmarks, and writes everything under $OUT (default: ./gpu-check-out).
+#
+# The machine needs torch with CUDA, nvcc >= 12.3, cmake, ninja and scikit-build-core. The
+# CUTLASS headers come from the nvidia-cutlass wheel: if it is not installed, put its wheel
+# in .whl/ (see README, "GPU check") and this script installs it to /tmp/site.
+# Budget: about 2-3 minutes of build on 16 cores, 1 minute of tests, 2-3 minutes of benchmarks.
+set -uo pipefail
+OUT=${OUT:-$PWD/gpu-check-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+exec > >(tee "$OUT/gpu_check.log") 2>&1
+date -u +"%Y-%m-%d %H:%M UTC"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+python3 -c "import importlib.util as u; assert u.find_spec('cutlass_library'), 'nvidia-cutlass missing'" || exit 1
+
+t0=$(date +%s)
+CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) R1X_CUDA=ON python3 -m pip install -v --no-build-isolation \
+  --no-deps -e . >"$OUT/build.log" 2>&1
+rc=$?
+echo "build: rc=$rc, $(( $(date +%s) - t0 )) s"
+if grep -q C7510 "$OUT/build.log"; then echo "WARNING: ptxas C7510 (wgmma serialised) in the build"; fi
+[ $rc -eq 0 ] || { tail -50 "$OUT/build.log"; exit 1; }
+python3 -c "import json, r1x; print(json.dumps(r1x.info()))"
+
+t1=$(date +%s)
+timeout 300 python3 -m pytest tests -q -x -p no:cacheprovider --junitxml="$OUT/tests.xml" 2>&1 | tail -30
+echo "tests: $(( $(date +%s) - t1 )) s"
+
+t2=$(date +%s)
+timeout 300 python3 benchmarks/bench_fp8_gemm.py --device cuda --out "$OUT" --budget 0.3
+echo "benchmarks: $(( $(date +%s) - t2 )) s"
+ls -la "$OUT"
