@@ -209,7 +209,7 @@ def test_fp8_gemm_one_scale_per_row_is_wrong(gen):
     a, sa, b, sb = gemm_samples("cpu", gen)[4]
     exact = ref.fp8_gemm(a, sa, b, sb, out_dtype=torch.float64)
     wrong = ref.fp8_gemm(a, sa[:, :1].expand_as(sa).contiguous(), b, sb, out_dtype=torch.float64)
-    assert calc_diff(wrong, exact) > 1e-3
+    assert calc_diff(wrong, exact) > 1e-6  # vs < 1e-11 demanded of the kernels
 
 
 def test_fp8_gemm_k_zero_and_nan_inputs(device):
