@@ -71,6 +71,16 @@ static inline float load_as_f32(const void* x, int dtype, int64_t i) {
   }
 }
 
+// n fp32 values -> out as fp32 (dtype 0) or bf16 (round to nearest even).
+static inline void store_row_scalar(const float* v, int64_t n, int dtype, void* out) {
+  if (dtype == 0) {
+    std::memcpy(out, v, static_cast<size_t>(n) * sizeof(float));
+  } else {
+    uint16_t* o = static_cast<uint16_t*>(out);
+    for (int64_t j = 0; j < n; ++j) o[j] = f32_to_bf16(v[j]);
+  }
+}
+
 // |v| order on fp32 bit patterns: for non-negative values integer order equals float order,
 // and any NaN compares above +inf, so a running max of bit patterns propagates NaN.
 static inline uint32_t abs_bits(float v) { return f32_bits(v) & 0x7fffffffu; }

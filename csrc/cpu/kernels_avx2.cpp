@@ -186,16 +186,10 @@ void tile_avx2(const GemmArgs& args, const GemmPlan& plan, const void* packed, i
   // tile_n is a multiple of kNr and divides 128, so a row pair never straddles a scale block.
   for (; n + kNr <= n1; n += kNr) tile_rows<kNr>(args, a, m0, m1, n, n0, tn, acc, bbuf);
   for (; n < n1; ++n) tile_rows<1>(args, a, m0, m1, n, n0, tn, acc, bbuf);
-  for (int64_t m = m0; m < m1; ++m) {
-    const float* v = acc + (m - m0) * tn;
-    if (args.out_dtype == DType::kF32) {
-      float* o = static_cast<float*>(args.out) + m * args.n + n0;
-      for (int64_t j = 0; j < tn; ++j) o[j] = v[j];
-    } else {
-      uint16_t* o = static_cast<uint16_t*>(args.out) + m * args.n + n0;
-      for (int64_t j = 0; j < tn; ++j) o[j] = f32_to_bf16(v[j]);
-    }
-  }
+  const size_t esize = args.out_dtype == DType::kF32 ? 4 : 2;
+  for (int64_t m = m0; m < m1; ++m)
+    store_row_scalar(acc + (m - m0) * tn, tn, int(args.out_dtype),
+                     static_cast<char*>(args.out) + (m * args.n + n0) * esize);
 }
 
 }  // namespace

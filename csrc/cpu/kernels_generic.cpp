@@ -60,15 +60,6 @@ float dot128(const float* a, const float* b) {
   return ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
 }
 
-void store_row(const GemmArgs& args, int64_t m, int64_t n0, int64_t count, const float* v) {
-  if (args.out_dtype == DType::kF32) {
-    std::memcpy(static_cast<float*>(args.out) + m * args.n + n0, v, count * sizeof(float));
-  } else {
-    uint16_t* o = static_cast<uint16_t*>(args.out) + m * args.n + n0;
-    for (int64_t j = 0; j < count; ++j) o[j] = f32_to_bf16(v[j]);
-  }
-}
-
 void tile_generic(const GemmArgs& args, const GemmPlan& plan, const void* packed, int64_t m0,
                   int64_t m1, int64_t n0, int64_t n1, void* scratch) {
   const float* a = static_cast<const float*>(packed);
@@ -88,7 +79,10 @@ void tile_generic(const GemmArgs& args, const GemmPlan& plan, const void* packed
       }
     }
   }
-  for (int64_t m = m0; m < m1; ++m) store_row(args, m, n0, tn, acc + (m - m0) * tn);
+  const size_t esize = args.out_dtype == DType::kF32 ? 4 : 2;
+  for (int64_t m = m0; m < m1; ++m)
+    store_row_scalar(acc + (m - m0) * tn, tn, int(args.out_dtype),
+                     static_cast<char*>(args.out) + (m * args.n + n0) * esize);
 }
 
 }  // namespace
