@@ -246,8 +246,8 @@ def test_noncontiguous_gemm_inputs(device, gen):
 # ----------------------------------------------------------------------------------------------
 # registration: opcheck, torch.compile, torch.ops
 # ----------------------------------------------------------------------------------------------
-# torch.allclose has no float8 kernel on the CPU, so opcheck's test_schema (which compares
-# outputs of repeated runs) cannot run on ops with e4m3 tensors; the others run, and
+# torch.allclose has no float8 kernel on the CPU, so opcheck's test_schema cannot check ops
+# that take e4m3 inputs (it compares inputs before and after the call); the others run, and
 # test_no_mutation_no_aliasing checks by hand what test_schema would.
 FP8_OPCHECK_UTILS = ("test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic")
 
@@ -255,9 +255,9 @@ FP8_OPCHECK_UTILS = ("test_faketensor", "test_autograd_registration", "test_aot_
 def test_opcheck(device, gen):
     x = scaled_randn((5, 256), generator=gen).to(device)
     w = scaled_randn((130, 256), generator=gen).to(device)
-    for ue8m0 in (False, True):
-        opcheck(torch.ops.r1x.quant_fp8_per_token_group.default, (x, 128, ue8m0), test_utils=FP8_OPCHECK_UTILS)
-        opcheck(torch.ops.r1x.quant_fp8_per_block.default, (w, 128, ue8m0), test_utils=FP8_OPCHECK_UTILS)
+    for ue8m0 in (False, True):  # float inputs: every opcheck test, test_schema included
+        opcheck(torch.ops.r1x.quant_fp8_per_token_group.default, (x, 128, ue8m0))
+        opcheck(torch.ops.r1x.quant_fp8_per_block.default, (w, 128, ue8m0))
     qx, sx = r1x.quant_fp8_per_token_group(x)
     qw, sw = r1x.quant_fp8_per_block(w)
     opcheck(torch.ops.r1x.dequant_fp8.default, (qx, sx, [1, 128]), test_utils=FP8_OPCHECK_UTILS)
