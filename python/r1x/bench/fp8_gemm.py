@@ -137,16 +137,20 @@ def make_table(records: list[dict]) -> str:
 
 
 def plot(records: list[dict], path: str, title: str) -> None:
+    """Top row: TFLOP/s of every method per (N, K) against M; bottom row: r1x's speed-up over
+    each baseline but dequant+bf16 (off the chart), with 1x marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     nks = sorted({(r["n"], r["k"]) for r in records}, key=lambda nk: NK_SHAPES.index(nk) if nk in NK_SHAPES else 99)
-    fig, axes = plt.subplots(1, len(nks), figsize=(4 * len(nks), 3.6), squeeze=False)
-    methods = [m for m in records[0]["times"]]
-    for ax, (n, k) in zip(axes[0], nks):
+    fig, axes = plt.subplots(2, len(nks), figsize=(4 * len(nks), 6.6), squeeze=False)
+    methods = list(records[0]["times"])
+    baselines = [b for b in records[0]["speedup"] if b not in ("r1x+quant", "dequant+bf16")]
+    for col, (n, k) in enumerate(nks):
         rs = sorted((r for r in records if (r["n"], r["k"]) == (n, k)), key=lambda r: r["m"])
+        ax = axes[0][col]
         for meth in methods:
             xs = [r["m"] for r in rs if meth in r["times"]]
             ys = [r["flops"] / r["times"][meth]["median_s"] / 1e12 for r in rs if meth in r["times"]]
@@ -154,14 +158,35 @@ def plot(records: list[dict], path: str, title: str) -> None:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_title(f"N={n}, K={k}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax = axes[1][col]
+        for b in baselines:
+            xs = [r["m"] for r in rs if b in r["speedup"]]
+            ax.plot(xs, [r["speedup"][b] for r in rs if b in r["speedup"]], marker="o", label=f"vs {b}")
+        ax.axhline(1.0, color="gray", linewidth=1)
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(bottom=0)
         ax.set_xlabel("M (tokens)")
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel("TFLOP/s")
+    axes[1][0].set_ylabel("r1x speed-up (x)")
     axes[0][-1].legend(fontsize=8)
+    axes[1][-1].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def replot(json_path: str) -> str:
+    """Redraws the PNG next to a results JSON (no re-measuring)."""
+    import json
+
+    with open(json_path) as f:
+        data = json.load(f)
+    png = os.path.splitext(json_path)[0] + ".png"
+    plot(data["results"], png, f"r1x fp8_gemm vs baselines: {data['meta']['device']}")
+    return png
 
 
 def run(device: str = "cpu", shapes=None, full: bool = False, out_dir: str | None = None,
