@@ -38,6 +38,10 @@ inline size_t tiles_bytes(int64_t m, int64_t k) { return static_cast<size_t>(rou
 // with its fused decode streams the weights faster there.
 constexpr int64_t kMaxRowsForFma = 2;
 constexpr int kVariantFma = 1;
+// Small batches (one 32-row group of A) decode the tile's weight rows over all of K first, in
+// memory order, so the weights stream sequentially from DRAM; larger batches decode one K
+// block at a time (the decoded block is reused across many rows of A while in L1).
+constexpr int kVariantWholeRows = 2;
 
 GemmPlan plan_amx(int64_t m, int64_t n, int64_t k) {
   if (m <= kMaxRowsForFma) {
@@ -53,9 +57,13 @@ GemmPlan plan_amx(int64_t m, int64_t n, int64_t k) {
   p.tile_n = m >= 128 ? kTileNMax : 32;
   p.pack_rows = kPackRows;
   p.packed_a_bytes = tiles_bytes(m, k) + static_cast<size_t>(m32 * (k / kGemmBlock)) * 4;
+  if (m32 <= 32) {
+    p.variant = kVariantWholeRows;
+  }
   p.scratch_bytes = static_cast<size_t>(p.tile_n * p.tile_m) * 4  // acc (C^T)
                     + static_cast<size_t>(p.tile_n * kGemmBlock) * 2  // decoded B block
-                    + 4 * 256 * 4;                                // stored C tiles
+                    + 4 * 256 * 4                                 // stored C tiles
+                    + (p.variant == kVariantWholeRows ? static_cast<size_t>(p.tile_n * k) * 2 : 0);
   return p;
 }
 
@@ -201,19 +209,47 @@ void tile_amx(const GemmArgs& args, const GemmPlan& plan, const void* packed, in
   for (int64_t r = rows; r < rows_pad; ++r)  // rows past n stay zero
     for (int64_t c = 0; c < kGemmBlock; c += kChunk)
       _mm512_store_si512(bk + (((r / kTile) * 4 + c / kChunk) * kTile + r % kTile) * kChunk, _mm512_setzero_si512());
-  for (int64_t kb = 0; kb < kblocks; ++kb) {
-    // Decode this K block of the tile's rows of B into 16x32 tiles (8 KB, stays in L1),
-    // prefetching each row's stream ahead.
+  // Decoded weights: 16x32 tiles, [kb][n / 16][4 chunks][16][32]; all K blocks for the
+  // whole-rows variant, else one K block at a time.
+  const bool whole_rows = plan.variant == kVariantWholeRows;
+  uint16_t* ball = reinterpret_cast<uint16_t*>(ctmp + 4 * 256);
+  const int64_t kb_stride = tile_n * kGemmBlock;  // elements per K block of decoded weights
+  auto decode_block = [&](int64_t r, int64_t kb, uint16_t* base) {
+    const uint8_t* src = args.b + (n0 + r) * k + kb * kGemmBlock;
+    uint16_t* dst = base + ((r / kTile) * 4 * kTile + r % kTile) * kChunk;
+    for (int64_t j = 0; j < kGemmBlock; j += 64) {
+      __m512i o0, o1;
+      dec.decode64(src + j, o0, o1);
+      _mm512_store_si512(dst + (j / kChunk) * 512, o0);
+      _mm512_store_si512(dst + (j / kChunk + 1) * 512, o1);
+    }
+  };
+  if (whole_rows) {
+    for (int64_t kb = 0; kb < kblocks; ++kb)
+      for (int64_t r = rows; r < rows_pad; ++r)
+        for (int64_t c = 0; c < kGemmBlock; c += kChunk)
+          _mm512_store_si512(ball + kb * kb_stride + (((r / kTile) * 4 + c / kChunk) * kTile + r % kTile) * kChunk,
+                             _mm512_setzero_si512());
     for (int64_t r = 0; r < rows; ++r) {
-      const uint8_t* src = args.b + (n0 + r) * k + kb * kGemmBlock;
-      _mm_prefetch(reinterpret_cast<const char*>(src) + kAmxPrefetchL1, _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(src) + kAmxPrefetchL1 + 64, _MM_HINT_T0);
-      uint16_t* dst = bk + ((r / kTile) * 4 * kTile + r % kTile) * kChunk;
-      for (int64_t j = 0; j < kGemmBlock; j += 64) {
-        __m512i o0, o1;
-        dec.decode64(src + j, o0, o1);
-        _mm512_store_si512(dst + (j / kChunk) * 512, o0);
-        _mm512_store_si512(dst + (j / kChunk + 1) * 512, o1);
+      for (int64_t kb = 0; kb < kblocks; ++kb) {
+        _mm_prefetch(reinterpret_cast<const char*>(args.b + (n0 + r) * k + kb * kGemmBlock) + kPrefetchBytes, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(args.b + (n0 + r) * k + kb * kGemmBlock) + kPrefetchBytes + 64, _MM_HINT_T0);
+        decode_block(r, kb, ball + kb * kb_stride);
+      }
+    }
+  }
+  for (int64_t kb = 0; kb < kblocks; ++kb) {
+    const uint16_t* bkb = bk;
+    if (whole_rows) {
+      bkb = ball + kb * kb_stride;
+    } else {
+      // Decode this K block of the tile's rows into tiles (<= 32 KB, stays in L1),
+      // prefetching each row's stream ahead.
+      for (int64_t r = 0; r < rows; ++r) {
+        const char* src = reinterpret_cast<const char*>(args.b + (n0 + r) * k + kb * kGemmBlock);
+        _mm_prefetch(src + kAmxPrefetchL1, _MM_HINT_T0);
+        _mm_prefetch(src + kAmxPrefetchL1 + 64, _MM_HINT_T0);
+        decode_block(r, kb, bk);
       }
     }
     for (int64_t ms = 0; ms < tm; ms += pair ? 32 : 16) {
@@ -221,7 +257,7 @@ void tile_amx(const GemmArgs& args, const GemmPlan& plan, const void* packed, in
       const uint16_t* ap = atiles + (mb * tiles_per_mb + kb * (kGemmBlock / kChunk)) * 512;
       const float* sa = at + kb * m32 + m0 + ms;
       for (int64_t ns = 0; ns < rows_pad; ns += 32) {
-        const uint16_t* bs = bk + (ns / kTile) * 4 * 512;
+        const uint16_t* bs = bkb + (ns / kTile) * 4 * 512;
         float* ac = acc + ns * ldacc + ms;
         if (pair) {
           block_128<2>(bs, 4 * 512, ap, tiles_per_mb, sa, sb[kb], ac, ldacc, ctmp);
