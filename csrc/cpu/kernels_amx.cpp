@@ -42,6 +42,7 @@ constexpr int kVariantFma = 1;
 // memory order, so the weights stream sequentially from DRAM; larger batches decode one K
 // block at a time (the decoded block is reused across many rows of A while in L1).
 constexpr int kVariantWholeRows = 2;
+constexpr int64_t kWholeRowsMaxK = 4096;  // 32 decoded rows stay <= 256 KB (L2-resident)
 
 GemmPlan plan_amx(int64_t m, int64_t n, int64_t k) {
   if (m <= kMaxRowsForFma) {
@@ -57,7 +58,7 @@ GemmPlan plan_amx(int64_t m, int64_t n, int64_t k) {
   p.tile_n = m >= 128 ? kTileNMax : 32;
   p.pack_rows = kPackRows;
   p.packed_a_bytes = tiles_bytes(m, k) + static_cast<size_t>(m32 * (k / kGemmBlock)) * 4;
-  if (m32 <= 32) {
+  if (m32 <= 32 && k <= kWholeRowsMaxK) {
     p.variant = kVariantWholeRows;
   }
   p.scratch_bytes = static_cast<size_t>(p.tile_n * p.tile_m) * 4  // acc (C^T)
