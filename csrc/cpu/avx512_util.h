@@ -10,11 +10,9 @@
 namespace r1x::cpu {
 namespace {
 
-// How far ahead weight streams are prefetched (bytes).
-#ifndef R1X_PREFETCH_BYTES
-#define R1X_PREFETCH_BYTES 2048
-#endif
-constexpr int64_t kPrefetchBytes = R1X_PREFETCH_BYTES;
+// How far ahead weight streams are prefetched (bytes): more misses in flight than the
+// hardware prefetchers keep.
+constexpr int64_t kPrefetchBytes = 2048;
 
 inline __m512 load16_f32(const void* x, DType dtype, int64_t i) {
   switch (dtype) {
@@ -135,13 +133,15 @@ struct E4m3Decoder {
     for (int g = 0; g < 4; ++g)
       out[g] = _mm512_castsi512_ps(_mm512_maskz_permutex2var_epi8(top, lo, widen[g], hi));
   }
-  // n (multiple of 64) e4m3 bytes -> n bf16.
-  inline void decode_row(const uint8_t* src, int64_t n, uint16_t* dst) const {
+  // n (multiple of 64) contiguous e4m3 bytes -> n fp32, prefetching the stream ahead (also
+  // past its end: rows of a matrix are contiguous).
+  inline void decode_row_f32(const uint8_t* src, int64_t n, float* dst) const {
     for (int64_t i = 0; i < n; i += 64) {
-      __m512i o0, o1;
-      decode64(src + i, o0, o1);
-      _mm512_storeu_si512(dst + i, o0);
-      _mm512_storeu_si512(dst + i + 32, o1);
+      _mm_prefetch(reinterpret_cast<const char*>(src + i) + kPrefetchBytes, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(src + i) + 4 * kPrefetchBytes, _MM_HINT_T1);
+      __m512 v[4];
+      decode64_f32(src + i, v);
+      for (int g = 0; g < 4; ++g) _mm512_storeu_ps(dst + i + 16 * g, v[g]);
     }
   }
 };

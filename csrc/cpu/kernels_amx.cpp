@@ -199,7 +199,7 @@ void tile_amx(const GemmArgs& args, const GemmPlan& plan, const void* packed, in
   const int64_t tile_n = plan.tile_n, rows = n1 - n0;  // rows <= tile_n: one weight block
   const int64_t rows_pad = round_up(rows, 32);
   float* acc = static_cast<float*>(scratch);  // [tile_n][tile_m], C^T
-  uint16_t* bk = reinterpret_cast<uint16_t*>(acc + tile_n * plan.tile_m);  // [n/16][4][16][32]
+  uint16_t* bk = reinterpret_cast<uint16_t*>(acc + tile_n * plan.tile_m);
   float* ctmp = reinterpret_cast<float*>(bk + tile_n * kGemmBlock);
   const uint16_t* atiles = static_cast<const uint16_t*>(packed);
   const float* at = reinterpret_cast<const float*>(static_cast<const char*>(packed) + tiles_bytes(args.m, k));
@@ -207,17 +207,23 @@ void tile_amx(const GemmArgs& args, const GemmPlan& plan, const void* packed, in
   const float* sb = args.b_scale + (n0 / kGemmBlock) * kblocks;
 
   for (int64_t i = 0; i < rows_pad * ldacc; ++i) acc[i] = 0.0f;
-  for (int64_t r = rows; r < rows_pad; ++r)  // rows past n stay zero
-    for (int64_t c = 0; c < kGemmBlock; c += kChunk)
-      _mm512_store_si512(bk + (((r / kTile) * 4 + c / kChunk) * kTile + r % kTile) * kChunk, _mm512_setzero_si512());
-  // Decoded weights: 16x32 tiles, [kb][n / 16][4 chunks][16][32]; all K blocks for the
-  // whole-rows variant, else one K block at a time.
+  // Decoded weights, one K block: 16x32 tiles [n / 16][4 chunks][16][32]. The whole-rows
+  // variant keeps all K blocks (kb_stride apart), else one block is decoded at a time.
   const bool whole_rows = plan.variant == kVariantWholeRows;
   uint16_t* ball = reinterpret_cast<uint16_t*>(ctmp + 4 * 256);
-  const int64_t kb_stride = tile_n * kGemmBlock;  // elements per K block of decoded weights
-  auto decode_block = [&](int64_t r, int64_t kb, uint16_t* base) {
+  const int64_t kb_stride = tile_n * kGemmBlock;
+  auto tile_row = [](uint16_t* base, int64_t r) { return base + ((r / kTile) * 4 * kTile + r % kTile) * kChunk; };
+  auto zero_padding_rows = [&](uint16_t* base) {  // rows past n contribute zeros
+    for (int64_t r = rows; r < rows_pad; ++r)
+      for (int64_t c = 0; c < kGemmBlock / kChunk; ++c)
+        _mm512_store_si512(tile_row(base, r) + c * 512, _mm512_setzero_si512());
+  };
+  // Row r, K block kb -> base, prefetching `ahead` bytes further along the row's stream.
+  auto decode_block = [&](int64_t r, int64_t kb, uint16_t* base, int64_t ahead) {
     const uint8_t* src = args.b + (n0 + r) * k + kb * kGemmBlock;
-    uint16_t* dst = base + ((r / kTile) * 4 * kTile + r % kTile) * kChunk;
+    _mm_prefetch(reinterpret_cast<const char*>(src) + ahead, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(src) + ahead + 64, _MM_HINT_T0);
+    uint16_t* dst = tile_row(base, r);
     for (int64_t j = 0; j < kGemmBlock; j += 64) {
       __m512i o0, o1;
       dec.decode64(src + j, o0, o1);
@@ -226,32 +232,20 @@ void tile_amx(const GemmArgs& args, const GemmPlan& plan, const void* packed, in
     }
   };
   if (whole_rows) {
-    for (int64_t kb = 0; kb < kblocks; ++kb)
-      for (int64_t r = rows; r < rows_pad; ++r)
-        for (int64_t c = 0; c < kGemmBlock; c += kChunk)
-          _mm512_store_si512(ball + kb * kb_stride + (((r / kTile) * 4 + c / kChunk) * kTile + r % kTile) * kChunk,
-                             _mm512_setzero_si512());
-    for (int64_t r = 0; r < rows; ++r) {
-      for (int64_t kb = 0; kb < kblocks; ++kb) {
-        _mm_prefetch(reinterpret_cast<const char*>(args.b + (n0 + r) * k + kb * kGemmBlock) + kPrefetchBytes, _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(args.b + (n0 + r) * k + kb * kGemmBlock) + kPrefetchBytes + 64, _MM_HINT_T0);
-        decode_block(r, kb, ball + kb * kb_stride);
-      }
-    }
+    // in memory order: the weights stream sequentially
+    for (int64_t kb = 0; kb < kblocks; ++kb) zero_padding_rows(ball + kb * kb_stride);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t kb = 0; kb < kblocks; ++kb) decode_block(r, kb, ball + kb * kb_stride, kPrefetchBytes);
+  } else {
+    zero_padding_rows(bk);
   }
   for (int64_t kb = 0; kb < kblocks; ++kb) {
     const uint16_t* bkb = bk;
     if (whole_rows) {
       bkb = ball + kb * kb_stride;
     } else {
-      // Decode this K block of the tile's rows into tiles (<= 32 KB, stays in L1),
-      // prefetching each row's stream ahead.
-      for (int64_t r = 0; r < rows; ++r) {
-        const char* src = reinterpret_cast<const char*>(args.b + (n0 + r) * k + kb * kGemmBlock);
-        _mm_prefetch(src + kAmxPrefetchL1, _MM_HINT_T0);
-        _mm_prefetch(src + kAmxPrefetchL1 + 64, _MM_HINT_T0);
-        decode_block(r, kb, bk);
-      }
+      // this K block of every row (<= 32 KB: stays in L1 while all of A's rows use it)
+      for (int64_t r = 0; r < rows; ++r) decode_block(r, kb, bk, kAmxPrefetchL1);
     }
     for (int64_t ms = 0; ms < tm; ms += pair ? 32 : 16) {
       const int64_t mb = (m0 + ms) / kTile;

@@ -1,7 +1,12 @@
-// AVX-512 kernels (F/BW/VL/DQ/VBMI + AVX512_BF16). The GEMM decodes e4m3 to bf16 with
-// E4m3Decoder and multiplies with vdpbf16ps (pairs of bf16 products summed into fp32 lanes).
-// e4m3 x e4m3 products are exact in fp32, so the only rounding inside a 128-wide K block is
-// the fp32 accumulation; each block's sums are scaled and added to fp32 accumulators.
+// AVX-512 kernels (F/BW/VL/DQ/VBMI + AVX512_BF16).
+//
+// The GEMM runs on fp32 FMA: on current x86 cores a 512-bit FMA retires every cycle while
+// vdpbf16ps (the bf16 pair dot product) takes several, so decoding e4m3 to fp32 and using
+// FMA does more work per cycle. The scales are folded into A instead of promoting per-block
+// partial sums: a tile of n rows lies inside one 128-row weight block, so
+// A'[m, k] = a[m, k] * a_scale[m, kb] * b_scale[nb, kb] (one fp32 rounding) makes
+// out[m, n] = sum_k A'[m, k] * b[n, k], a plain fp32 dot product over all of K whose
+// rounding matches per-block promotion (DeepGEMM's) to within fp32 accumulation error.
 #include "cpu/avx512_util.h"
 
 namespace r1x::cpu {
@@ -31,12 +36,8 @@ GemmPlan plan_avx512(int64_t m, int64_t n, int64_t k) {
 // A decoded once to exact fp32 values.
 void pack_a_avx512(const GemmArgs& args, const GemmPlan&, int64_t m0, int64_t m1, void* packed) {
   const E4m3Decoder dec;
-  float* dst = static_cast<float*>(packed);
-  for (int64_t i = m0 * args.k; i < m1 * args.k; i += 64) {
-    __m512 v[4];
-    dec.decode64_f32(args.a + i, v);
-    for (int g = 0; g < 4; ++g) _mm512_storeu_ps(dst + i + 16 * g, v[g]);
-  }
+  dec.decode_row_f32(args.a + m0 * args.k, (m1 - m0) * args.k,
+                     static_cast<float*>(packed) + m0 * args.k);
 }
 
 // out[i][j] = dot(a[i], b[j]) over k, fp32 FMA with MR x NR accumulators.
@@ -121,34 +122,21 @@ void tile_avx512(const GemmArgs& args, const GemmPlan& plan, const void* packed,
         _mm512_storeu_ps(as + i * k + c, _mm512_mul_ps(_mm512_loadu_ps(src + c), s));
     }
   }
-  if (tm <= 2) {
-    if (tm == 2) {
-      fused_tile<2>(dec, as, args, n0, n1, acc, tn);
-    } else {
-      fused_tile<1>(dec, as, args, n0, n1, acc, tn);
-    }
-  }
-  for (int64_t n = tm <= 2 ? n1 : n0; n < n1; n += kNr) {
-    const int64_t rows = n1 - n < kNr ? n1 - n : kNr;
-    for (int64_t j = 0; j < rows; ++j) {
-      const uint8_t* src = args.b + (n + j) * k;
-      float* dst = bbuf + j * k;
-      for (int64_t c = 0; c < k; c += 64) {
-        // B streams from memory once: prefetch ahead (rows are contiguous, so past the row end
-        // too), which keeps more misses in flight than the hardware prefetchers do.
-        _mm_prefetch(reinterpret_cast<const char*>(src + c) + kPrefetchBytes, _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(src + c) + 4 * kPrefetchBytes, _MM_HINT_T1);
-        __m512 v[4];
-        dec.decode64_f32(src + c, v);
-        for (int g = 0; g < 4; ++g) _mm512_storeu_ps(dst + c + 16 * g, v[g]);
+  if (tm == 2) {
+    fused_tile<2>(dec, as, args, n0, n1, acc, tn);
+  } else if (tm == 1) {
+    fused_tile<1>(dec, as, args, n0, n1, acc, tn);
+  } else {
+    for (int64_t n = n0; n < n1; n += kNr) {
+      const int64_t rows = n1 - n < kNr ? n1 - n : kNr;
+      dec.decode_row_f32(args.b + n * k, rows * k, bbuf);  // the rows are contiguous
+      float* out = acc + (n - n0);
+      switch (rows) {
+        case 4: rows_of_b<4>(as, tm, k, bbuf, out, tn); break;
+        case 3: rows_of_b<3>(as, tm, k, bbuf, out, tn); break;
+        case 2: rows_of_b<2>(as, tm, k, bbuf, out, tn); break;
+        default: rows_of_b<1>(as, tm, k, bbuf, out, tn); break;
       }
-    }
-    float* out = acc + (n - n0);
-    switch (rows) {
-      case 4: rows_of_b<4>(as, tm, k, bbuf, out, tn); break;
-      case 3: rows_of_b<3>(as, tm, k, bbuf, out, tn); break;
-      case 2: rows_of_b<2>(as, tm, k, bbuf, out, tn); break;
-      default: rows_of_b<1>(as, tm, k, bbuf, out, tn); break;
     }
   }
   const size_t esize = args.out_dtype == DType::kF32 ? 4 : 2;
