@@ -20,22 +20,27 @@ from r1x.ops.fp8 import FP8_DTYPE, fp8_gemm, quant_fp8_per_block, quant_fp8_per_
 BLOCK = 128
 
 
-def _pad_last(t: torch.Tensor, multiple: int) -> torch.Tensor:
-    pad = -t.shape[-1] % multiple
-    return F.pad(t, (0, pad)) if pad else t
-
-
-def _pad_rows_fp8(q: torch.Tensor, multiple: int) -> torch.Tensor:
-    pad = -q.shape[0] % multiple
+def _pad(t: torch.Tensor, dim: int, multiple: int) -> torch.Tensor:
+    """Zero-pads dimension ``dim`` (-1 or -2) of ``t`` to a multiple of ``multiple``; e4m3
+    tensors are padded through their bytes (e4m3 zero is 0x00; F.pad has no float8 kernel)."""
+    pad = -t.shape[dim] % multiple
     if not pad:
-        return q
-    return F.pad(q.view(torch.uint8), (0, 0, 0, pad)).view(FP8_DTYPE)  # e4m3 zero is 0x00
+        return t
+    widths = (0, pad) if dim == -1 else (0, 0, 0, pad)
+    if t.dtype == FP8_DTYPE:
+        return F.pad(t.view(torch.uint8), widths).view(FP8_DTYPE)
+    return F.pad(t, widths)
+
+
+def _gemm_out_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp8_gemm writes bf16 or fp32; other dtypes go through fp32."""
+    return dtype if dtype in (torch.bfloat16, torch.float32) else torch.float32
 
 
 def quantize_weight(w: torch.Tensor, ue8m0: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize an ``[N, K]`` weight per 128x128 block, zero-padding K to a multiple of 128
     (zeros change no block's amax). Returns ``(q [N, K_pad], scale [ceil(N/128), K_pad/128])``."""
-    return quant_fp8_per_block(_pad_last(w, BLOCK), BLOCK, ue8m0)
+    return quant_fp8_per_block(_pad(w, -1, BLOCK), BLOCK, ue8m0)
 
 
 class _FP8LinearFunction(torch.autograd.Function):
@@ -43,9 +48,8 @@ class _FP8LinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, q_w, s_w, bias, ue8m0):
         in_features = x.shape[-1]
         x2 = x.reshape(-1, in_features)
-        q_x, s_x = quant_fp8_per_token_group(_pad_last(x2, BLOCK), BLOCK, ue8m0)
-        out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float32) else torch.float32
-        y = fp8_gemm(q_x, s_x, q_w, s_w, out_dtype=out_dtype)
+        q_x, s_x = quant_fp8_per_token_group(_pad(x2, -1, BLOCK), BLOCK, ue8m0)
+        y = fp8_gemm(q_x, s_x, q_w, s_w, out_dtype=_gemm_out_dtype(x.dtype))
         if bias is not None:
             y = y + bias.to(y.dtype)
         ctx.save_for_backward(x2, weight, q_w, s_w, bias)
@@ -62,10 +66,9 @@ class _FP8LinearFunction(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             # grad_x = g @ W: an FP8 GEMM with K = N (padded to 128) and the transposed weight
-            q_g, s_g = quant_fp8_per_token_group(_pad_last(g, BLOCK), BLOCK, ctx.ue8m0)
-            q_wt = _pad_rows_fp8(q_w, BLOCK).t().contiguous()
-            out_dtype = g.dtype if g.dtype in (torch.bfloat16, torch.float32) else torch.float32
-            grad_x = fp8_gemm(q_g, s_g, q_wt, s_w.t().contiguous(), out_dtype=out_dtype)
+            q_g, s_g = quant_fp8_per_token_group(_pad(g, -1, BLOCK), BLOCK, ctx.ue8m0)
+            q_wt = _pad(q_w, -2, BLOCK).t().contiguous()
+            grad_x = fp8_gemm(q_g, s_g, q_wt, s_w.t().contiguous(), out_dtype=_gemm_out_dtype(g.dtype))
             grad_x = grad_x[:, : ctx.in_features].to(grad_out.dtype).reshape(ctx.x_shape)
         if weight is not None and ctx.needs_input_grad[1]:
             grad_w = g.to(weight.dtype).t() @ x2.to(weight.dtype)
@@ -119,14 +122,7 @@ class FP8Linear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, ue8m0: bool = False) -> "FP8Linear":
         """An FP8Linear sharing ``linear``'s parameters (master weights, trainable)."""
-        m = cls.__new__(cls)
-        nn.Module.__init__(m)
-        m.in_features, m.out_features, m.ue8m0 = linear.in_features, linear.out_features, ue8m0
-        m.weight = linear.weight
-        m.bias = linear.bias
-        m.register_buffer("weight_scale_inv", None)
-        m._cache = None
-        return m
+        return cls._wrap(linear.weight, linear.bias, None, ue8m0)
 
     @classmethod
     def from_fp8(cls, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
@@ -141,11 +137,18 @@ class FP8Linear(nn.Module):
         if weight_scale_inv.dtype != torch.float32 or tuple(weight_scale_inv.shape) != expected:
             raise ValueError(f"FP8Linear.from_fp8: `weight_scale_inv` must be float32 of shape "
                              f"{list(expected)}, got {weight_scale_inv.dtype} {list(weight_scale_inv.shape)}")
+        frozen_bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        return cls._wrap(nn.Parameter(weight, requires_grad=False), frozen_bias, weight_scale_inv, False)
+
+    @classmethod
+    def _wrap(cls, weight: nn.Parameter, bias, weight_scale_inv, ue8m0: bool) -> "FP8Linear":
+        """A layer around existing parameters (no allocation, no initialisation)."""
         m = cls.__new__(cls)
         nn.Module.__init__(m)
-        m.in_features, m.out_features, m.ue8m0 = k, n, False
-        m.weight = nn.Parameter(weight, requires_grad=False)
-        m.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        m.out_features, m.in_features = weight.shape
+        m.ue8m0 = ue8m0
+        m.weight = weight
+        m.bias = bias
         m.register_buffer("weight_scale_inv", weight_scale_inv)
         m._cache = None
         return m
@@ -163,9 +166,7 @@ class FP8Linear(nn.Module):
     def _quantized_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.is_fp8:
             q, s = self.weight, self.weight_scale_inv
-            if self.in_features % BLOCK:
-                q = F.pad(q.view(torch.uint8), (0, -self.in_features % BLOCK)).view(FP8_DTYPE)
-            return q, s
+            return _pad(q, -1, BLOCK), s
         w = self.weight
         if torch.compiler.is_compiling() or (w.requires_grad and torch.is_grad_enabled()):
             return quantize_weight(w.detach(), self.ue8m0)
