@@ -59,6 +59,15 @@ def test_frozen_fp8(device, gen):
     assert torch.equal(fp8(x.detach()), frozen(x.detach()))
 
 
+def test_from_linear_shares_parameters(device, gen):
+    ref, _ = pair(200, 130, True, torch.float32, device, gen)
+    fp8 = FP8Linear.from_linear(ref)
+    assert fp8.weight is ref.weight and fp8.bias is ref.bias
+    assert (fp8.in_features, fp8.out_features) == (200, 130) and set(fp8.state_dict()) == {"weight", "bias"}
+    x = torch.randn(4, 200, generator=gen).to(device)
+    assert calc_diff(fp8(x), ref(x)) < FP8_DIFF
+
+
 def test_inference_cache_tracks_weight_updates(device, gen):
     _, fp8 = pair(256, 128, False, torch.float32, device, gen)
     x = torch.randn(4, 256, generator=gen).to(device)

@@ -78,16 +78,7 @@ class Timer:
 
     def __call__(self, fn, flush: bool = True) -> dict:
         """Median seconds of ``fn()`` (with min/max and the number of runs)."""
-        fn()  # warm-up (also compiles / allocates)
-        fn()
-        times = []
-        start = time.perf_counter()
-        while len(times) < self.max_reps and (
-            len(times) < self.min_reps or time.perf_counter() - start < self.budget_s
-        ):
-            times.append(self._time_one(fn, flush))
-        return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
-                "reps": len(times)}
+        return self.compare({"fn": fn}, flush)["fn"]
 
 
 def machine_info(device: torch.device) -> dict:
