@@ -15,6 +15,12 @@ def pytest_report_header(config):
     return f"r1x: cpu isa {r1x._C.detected_cpu_isa()}, test seed {SESSION_SEED} (R1X_TEST_SEED to replay)"
 
 
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    # also under -q (which hides the header): a failure can be replayed from CI's log
+    if exitstatus != 0:
+        terminalreporter.write_line(f"r1x test seed {SESSION_SEED}: rerun with R1X_TEST_SEED={SESSION_SEED}")
+
+
 def available_isas():
     detected = r1x._C.detected_cpu_isa()
     return ISA_LEVELS[: ISA_LEVELS.index(detected) + 1]
