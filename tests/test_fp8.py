@@ -209,7 +209,11 @@ def test_fp8_gemm_one_scale_per_row_is_wrong(gen):
     a, sa, b, sb = gemm_samples("cpu", gen)[4]
     exact = ref.fp8_gemm(a, sa, b, sb, out_dtype=torch.float64)
     wrong = ref.fp8_gemm(a, sa[:, :1].expand_as(sa).contiguous(), b, sb, out_dtype=torch.float64)
-    assert calc_diff(wrong, exact) > 1e-6  # vs < 1e-11 demanded of the kernels
+    abs_terms = ref.fp8_gemm(a.float().abs().to(FP8), sa, b.float().abs().to(FP8), sb, out_dtype=torch.float64)
+    # per element, against the bound the kernels must meet (2e-6 * abs_terms): calc_diff alone can
+    # be dominated by the one row whose scales happen to be largest in its first K block
+    violated = (wrong - exact).abs() > 1e-3 * abs_terms
+    assert violated.double().mean() > 0.5
 
 
 def test_fp8_gemm_k_zero_and_nan_inputs(device):
