@@ -13,6 +13,20 @@ TORCH_LIBRARY(r1x, m) {
   m.def("dequant_fp8(Tensor q, Tensor scale, int[2] block=[1, 128]) -> Tensor");
   // FP8 block-scaled GEMM, DESIGN.md 3.2
   m.def("fp8_gemm(Tensor a, Tensor a_scale, Tensor b, Tensor b_scale, ScalarType? out_dtype=None) -> Tensor");
+  // Mixture-of-Experts, DESIGN.md 3.3
+  m.def(
+      "moe_topk_route(Tensor logits, int top_k, Tensor? bias=None, int n_group=1, int topk_group=1, "
+      "str score_func=\"sigmoid\", bool norm_topk_prob=True, float routed_scaling_factor=1.0) -> (Tensor, Tensor)");
+  m.def("moe_dispatch(Tensor x, Tensor ids, int num_experts) -> (Tensor, Tensor, Tensor)");
+  m.def("moe_combine(Tensor y_sorted, Tensor weights, Tensor perm, int num_tokens) -> Tensor");
+  m.def("grouped_gemm(Tensor a, Tensor b, Tensor offs) -> Tensor");
+  m.def(
+      "fp8_grouped_gemm(Tensor a, Tensor a_scale, Tensor b, Tensor b_scale, Tensor offs, "
+      "ScalarType? out_dtype=None) -> Tensor");
+  // grouped_gemm's backward: grad_a[rows of e] = grad[rows of e] @ b[e] (M x K), and
+  // grad_b[e] = grad[rows of e].T @ a[rows of e] (E x N x K)
+  m.def("grouped_gemm_grad_a(Tensor grad, Tensor b, Tensor offs) -> Tensor");
+  m.def("grouped_gemm_grad_b(Tensor grad, Tensor a, Tensor offs, int num_groups) -> Tensor");
 }
 
 namespace {

@@ -74,3 +74,78 @@ def fp8_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16) -> torch.Tensor:
     a64 = a.double() * expand_scale(a_scale.double(), a.shape, (1, 128))
     b64 = b.double() * expand_scale(b_scale.double(), b.shape, (128, 128))
     return (a64 @ b64.T).to(out_dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixture-of-Experts (DESIGN.md 3.3)
+# ---------------------------------------------------------------------------------------------
+def moe_topk_route(logits, top_k, bias=None, n_group=1, topk_group=1, score_func="sigmoid",
+                   norm_topk_prob=True, routed_scaling_factor=1.0):
+    """DeepSeek-V3 routing, as transformers' DeepseekV3 router (float32 throughout).
+
+    Returns ``(weights [T, top_k] float32, ids [T, top_k] int32)``, the experts in descending
+    order of their biased score (ties: the lower expert index first).
+    """
+    t, e = logits.shape
+    x = logits.float()
+    scores = x.sigmoid() if score_func == "sigmoid" else x.softmax(dim=-1)
+    choice = scores if bias is None else scores + bias.float()
+    if n_group > 1:
+        grouped = choice.view(t, n_group, e // n_group)
+        group_scores = grouped.topk(min(2, e // n_group), dim=-1).values.sum(dim=-1)
+        # stable: among equal group scores the lower group index wins
+        order = torch.sort(group_scores, dim=-1, descending=True, stable=True).indices
+        keep = torch.zeros_like(group_scores, dtype=torch.bool)
+        keep.scatter_(1, order[:, :topk_group], True)
+        choice = choice.masked_fill(~keep.repeat_interleave(e // n_group, dim=1), float("-inf"))
+    ids = torch.sort(choice, dim=-1, descending=True, stable=True).indices[:, :top_k]
+    weights = scores.gather(1, ids)
+    if norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * routed_scaling_factor, ids.to(torch.int32)
+
+
+def moe_dispatch(x, ids, num_experts):
+    """Rows of ``x`` grouped by expert, stable in (token, slot) order.
+
+    Returns ``(x_sorted [T*k, H], offs [E] int32 cumulative end offsets, perm [T*k] int32)``
+    with ``x_sorted[r] = x[perm[r] // k]`` and ``ids.flatten()[perm[r]]`` the expert of row r.
+    """
+    flat = ids.reshape(-1).long()
+    perm = torch.sort(flat, stable=True).indices
+    k = ids.shape[1]
+    counts = torch.bincount(flat, minlength=num_experts)
+    x_sorted = x[torch.div(perm, k, rounding_mode="floor")] if k else x[:0]
+    return x_sorted, counts.cumsum(0).to(torch.int32), perm.to(torch.int32)
+
+
+def moe_combine(y_sorted, weights, perm, num_tokens):
+    """``out[t] = sum_j weights[t, j] * y_sorted[row of (t, j)]``, in float64, cast to y's dtype."""
+    k = weights.shape[1]
+    out = torch.zeros(num_tokens, y_sorted.shape[1], dtype=torch.float64, device=y_sorted.device)
+    p = perm.long()
+    contrib = y_sorted.double() * weights.double().reshape(-1)[p].unsqueeze(1)
+    out.index_add_(0, torch.div(p, k, rounding_mode="floor"), contrib)
+    return out.to(y_sorted.dtype)
+
+
+def _group_bounds(offs):
+    ends = offs.long().tolist()
+    return list(zip([0] + ends[:-1], ends))
+
+
+def grouped_gemm(a, b, offs):
+    """A plain loop over the groups: ``out[s:e] = a[s:e] @ b[g].T`` in float64; rows past the
+    last offset are zero."""
+    out = torch.zeros(a.shape[0], b.shape[1], dtype=torch.float64, device=a.device)
+    for g, (s, e) in enumerate(_group_bounds(offs)):
+        out[s:e] = a[s:e].double() @ b[g].double().T
+    return out.to(a.dtype)
+
+
+def fp8_grouped_gemm(a, a_scale, b, b_scale, offs, out_dtype=torch.bfloat16):
+    """:func:`fp8_gemm` per group (float64), rows past the last offset zero."""
+    out = torch.zeros(a.shape[0], b.shape[1], dtype=torch.float64, device=a.device)
+    for g, (s, e) in enumerate(_group_bounds(offs)):
+        out[s:e] = fp8_gemm(a[s:e], a_scale[s:e], b[g], b_scale[g], out_dtype=torch.float64)
+    return out.to(out_dtype)
