@@ -1,0 +1,58 @@
+// Float (bf16 / fp32) GEMM kernels with arbitrary operand strides: the per-group GEMM behind
+// grouped_gemm and its two backward products. One table per ISA level, each in its own
+// translation unit (fgemm_<isa>.cpp); the driver (grouped_gemm.cpp) owns the threading.
+//
+//   out[i, j] = sum_p x(i, p) * y(p, j),   x(i, p) = x.ptr[i * x.rs + p * x.cs] (elements)
+//
+// with fp32 accumulation and out row-major (leading dimension ldo) in the operands' dtype.
+// Strides let one kernel serve a @ b.T (forward), grad @ b (grad of a) and grad.T @ a (grad
+// of b) without materialising a transposed copy of any operand.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "cpu/kernels.h"
+
+namespace r1x::cpu {
+
+struct MatView {
+  const void* ptr;
+  int64_t rs, cs;  // element strides of the row and column index
+  MatView t() const { return {ptr, cs, rs}; }
+};
+
+struct FGemmArgs {
+  MatView x;  // [m, k]
+  MatView y;  // [k, n]
+  void* out;  // [m, ldo]
+  int64_t ldo;
+  DType dtype;  // kF32 or kBF16, for x, y and out
+  int64_t m, n, k;  // m, n, k > 0
+};
+
+// The driver packs once per call (fgemm_pack over disjoint unit ranges [0, pack_units)), then
+// runs fgemm_tile over tile_m x tile_n output tiles, each thread with its own scratch.
+struct FGemmPlan {
+  int64_t tile_m = 0, tile_n = 0;
+  int64_t pack_units = 0;
+  size_t packed_bytes = 0;
+  size_t scratch_bytes = 0;
+  int variant = 0;
+};
+
+struct FGemmKernels {
+  Isa isa;
+  FGemmPlan (*plan)(const FGemmArgs& args);
+  void (*pack)(const FGemmArgs& args, const FGemmPlan& plan, int64_t u0, int64_t u1,
+               void* packed);
+  void (*tile)(const FGemmArgs& args, const FGemmPlan& plan, const void* packed, int64_t m0,
+               int64_t m1, int64_t n0, int64_t n1, void* scratch);
+};
+
+const FGemmKernels& fgemm_kernels_generic();
+const FGemmKernels& fgemm_kernels_avx512();
+const FGemmKernels& fgemm_kernels_amx();
+const FGemmKernels& fgemm_kernels_for(Isa isa);
+
+}  // namespace r1x::cpu

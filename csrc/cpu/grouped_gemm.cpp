@@ -1,0 +1,180 @@
+// Grouped GEMM drivers: the groups' GEMMs run as one parallel job. First every group's
+// packing (units spread over the threads), then every group's output tiles, group-major so
+// that each thread walks whole experts; one scratch buffer per thread, sized for the largest
+// group. The per-group products are the ISA kernels' (fgemm_*.cpp for bf16/fp32, the FP8
+// GEMM kernels of kernels_*.cpp for e4m3).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "cpu/fp8_scalar.h"
+#include "cpu/moe.h"
+
+namespace r1x::cpu {
+namespace {
+
+inline size_t align64(size_t x) { return (x + 63) / 64 * 64; }
+
+// What the generic driver needs to know of one group's GEMM.
+struct GroupJob {
+  int64_t pack_units, tiles_m, tiles_n, tile_m, tile_n, m, n;
+  size_t packed_bytes, scratch_bytes;
+};
+
+// pack(g, u0, u1, packed_g); tile(g, packed_g, m0, m1, n0, n1, scratch)
+template <class Pack, class Tile>
+void run_groups(const std::vector<GroupJob>& jobs, Pack pack, Tile tile) {
+  const int64_t groups = static_cast<int64_t>(jobs.size());
+  std::vector<size_t> packed_off(groups + 1, 0);
+  size_t scratch = 0;
+  std::vector<int64_t> tile_start(groups + 1, 0);
+  struct Chunk { int64_t g, u0, u1; };
+  std::vector<Chunk> chunks;
+  for (int64_t g = 0; g < groups; ++g) {
+    const GroupJob& j = jobs[g];
+    packed_off[g + 1] = packed_off[g] + align64(j.packed_bytes);
+    scratch = std::max(scratch, j.scratch_bytes);
+    tile_start[g + 1] = tile_start[g] + j.tiles_m * j.tiles_n;
+    const int64_t step = std::max<int64_t>(1, (j.pack_units + 7) / 8);
+    for (int64_t u = 0; u < j.pack_units; u += step) chunks.push_back({g, u, std::min(j.pack_units, u + step)});
+  }
+  at::Tensor packed = at::empty({static_cast<int64_t>(packed_off[groups]) + 64}, at::kByte);
+  char* base = static_cast<char*>(packed.data_ptr());
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) pack(chunks[c].g, chunks[c].u0, chunks[c].u1, base + packed_off[chunks[c].g]);
+  });
+  at::parallel_for(0, tile_start[groups], 1, [&](int64_t t0, int64_t t1) {
+    at::Tensor buf = at::empty({static_cast<int64_t>(scratch) + 64}, at::kByte);
+    void* sp = buf.data_ptr();
+    int64_t g = std::upper_bound(tile_start.begin(), tile_start.end(), t0) - tile_start.begin() - 1;
+    for (int64_t t = t0; t < t1; ++t) {
+      while (t >= tile_start[g + 1]) ++g;
+      const GroupJob& j = jobs[g];
+      const int64_t local = t - tile_start[g];
+      const int64_t m0 = (local / j.tiles_n) * j.tile_m, n0 = (local % j.tiles_n) * j.tile_n;
+      tile(g, base + packed_off[g], m0, std::min(j.m, m0 + j.tile_m), n0, std::min(j.n, n0 + j.tile_n), sp);
+    }
+  });
+}
+
+inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline size_t esize(DType d) { return d == DType::kF32 ? 4 : 2; }
+
+// Runs one float GEMM per group (groups with an empty product are skipped).
+void run_fgemm(const std::vector<FGemmArgs>& args) {
+  const FGemmKernels& kern = fgemm_kernels_for(active_isa());
+  std::vector<FGemmArgs> live;
+  for (const FGemmArgs& a : args)
+    if (a.m > 0 && a.n > 0 && a.k > 0) live.push_back(a);
+  std::vector<FGemmPlan> plans;
+  std::vector<GroupJob> jobs;
+  for (const FGemmArgs& a : live) {
+    const FGemmPlan p = kern.plan(a);
+    plans.push_back(p);
+    jobs.push_back({p.pack_units, cdiv(a.m, p.tile_m), cdiv(a.n, p.tile_n), p.tile_m, p.tile_n, a.m,
+                    a.n, p.packed_bytes, p.scratch_bytes});
+  }
+  run_groups(
+      jobs, [&](int64_t g, int64_t u0, int64_t u1, void* packed) { kern.pack(live[g], plans[g], u0, u1, packed); },
+      [&](int64_t g, const void* packed, int64_t m0, int64_t m1, int64_t n0, int64_t n1, void* sp) {
+        kern.tile(live[g], plans[g], packed, m0, m1, n0, n1, sp);
+      });
+}
+
+// Rows [offs[g-1], offs[g]) of group g.
+inline int64_t group_begin(const int32_t* offs, int64_t g) { return g == 0 ? 0 : offs[g - 1]; }
+
+void zero_rows(void* out, int64_t row0, int64_t row1, int64_t row_bytes) {
+  if (row1 > row0) std::memset(static_cast<char*>(out) + row0 * row_bytes, 0, (row1 - row0) * row_bytes);
+}
+
+}  // namespace
+
+void grouped_gemm(const void* a, const void* b, const int32_t* offs, int64_t groups, int64_t n,
+                  int64_t k, DType dtype, void* out) {
+  const size_t es = esize(dtype);
+  std::vector<FGemmArgs> args;
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t r0 = group_begin(offs, g), rows = offs[g] - r0;
+    if (k == 0) {
+      zero_rows(out, r0, offs[g], n * es);
+      continue;
+    }
+    // x = a rows [rows, k]; y(p, j) = b[g][j, p]
+    args.push_back({{static_cast<const char*>(a) + r0 * k * es, k, 1},
+                    {static_cast<const char*>(b) + g * n * k * es, 1, k},
+                    static_cast<char*>(out) + r0 * n * es, n, dtype, rows, n, k});
+  }
+  run_fgemm(args);
+}
+
+void grouped_gemm_grad_a(const void* grad, const void* b, const int32_t* offs, int64_t groups,
+                         int64_t n, int64_t k, DType dtype, void* grad_a) {
+  const size_t es = esize(dtype);
+  std::vector<FGemmArgs> args;
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t r0 = group_begin(offs, g), rows = offs[g] - r0;
+    if (n == 0) {
+      zero_rows(grad_a, r0, offs[g], k * es);
+      continue;
+    }
+    // x = grad rows [rows, n]; y = b[g] [n, k]
+    args.push_back({{static_cast<const char*>(grad) + r0 * n * es, n, 1},
+                    {static_cast<const char*>(b) + g * n * k * es, k, 1},
+                    static_cast<char*>(grad_a) + r0 * k * es, k, dtype, rows, k, n});
+  }
+  run_fgemm(args);
+}
+
+void grouped_gemm_grad_b(const void* grad, const void* a, const int32_t* offs, int64_t groups,
+                         int64_t n, int64_t k, DType dtype, void* grad_b) {
+  const size_t es = esize(dtype);
+  std::vector<FGemmArgs> args;
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t r0 = group_begin(offs, g), rows = offs[g] - r0;
+    if (rows == 0) {
+      zero_rows(grad_b, g * n, (g + 1) * n, k * es);
+      continue;
+    }
+    // x(i, p) = grad[r0 + p, i]: [n, rows]; y = a rows [rows, k]
+    args.push_back({{static_cast<const char*>(grad) + r0 * n * es, 1, n},
+                    {static_cast<const char*>(a) + r0 * k * es, k, 1},
+                    static_cast<char*>(grad_b) + g * n * k * es, k, dtype, n, k, rows});
+  }
+  run_fgemm(args);
+}
+
+void fp8_grouped_gemm(const uint8_t* a, const float* a_scale, const uint8_t* b,
+                      const float* b_scale, const int32_t* offs, int64_t groups, int64_t n,
+                      int64_t k, DType out_dtype, void* out) {
+  const Kernels& kern = active_kernels();
+  const int64_t kb = k / kGemmBlock, nb = cdiv(n, kGemmBlock);
+  const size_t es = esize(out_dtype);
+  std::vector<GemmArgs> args;
+  std::vector<GemmPlan> plans;
+  std::vector<GroupJob> jobs;
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t r0 = group_begin(offs, g), rows = offs[g] - r0;
+    if (rows == 0) continue;
+    args.push_back({a + r0 * k, a_scale + r0 * kb, b + g * n * k, b_scale + g * nb * kb,
+                    static_cast<char*>(out) + r0 * n * es, out_dtype, rows, n, k});
+    const GemmPlan p = kern.gemm_plan(rows, n, k);
+    plans.push_back(p);
+    jobs.push_back({cdiv(rows, p.pack_rows), cdiv(rows, p.tile_m), cdiv(n, p.tile_n), p.tile_m,
+                    p.tile_n, rows, n, p.packed_a_bytes, p.scratch_bytes});
+  }
+  run_groups(
+      jobs,
+      [&](int64_t g, int64_t u0, int64_t u1, void* packed) {
+        const int64_t pr = plans[g].pack_rows;
+        kern.gemm_pack_a(args[g], plans[g], u0 * pr, std::min(args[g].m, u1 * pr), packed);
+      },
+      [&](int64_t g, const void* packed, int64_t m0, int64_t m1, int64_t n0, int64_t n1, void* sp) {
+        kern.gemm_tile(args[g], plans[g], packed, m0, m1, n0, n1, sp);
+      });
+}
+
+}  // namespace r1x::cpu
