@@ -1,6 +1,7 @@
 """r1x: compiled kernels for DeepSeek-V3/R1-style models.
 
-FP8 (e4m3) block-scaled quantization and GEMM today; MoE and MLA next. Every op is
+FP8 (e4m3) block-scaled quantization and GEMM, and the Mixture-of-Experts ops (routing,
+dispatch/combine, grouped GEMMs); MLA next. Every op is
 ``r1x.<name>(...)`` and ``torch.ops.r1x.<name>``, on CPU tensors (C++ kernels with runtime ISA
 dispatch) and CUDA tensors (sm_90a kernels, CUTLASS), and works under ``torch.compile``.
 """
@@ -10,6 +11,7 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 from r1x import _C  # noqa: F401  (registers the torch.ops.r1x schemas and kernels)
 from r1x import reference
 from r1x.ops.fp8 import dequant_fp8, fp8_gemm, quant_fp8_per_block, quant_fp8_per_token_group
+from r1x.ops.moe import fp8_grouped_gemm, grouped_gemm, moe_combine, moe_dispatch, moe_topk_route
 from r1x.utils import cpu_isa, info, use_cpu_isa
 from r1x import nn  # noqa: E402
 
@@ -20,6 +22,11 @@ __all__ = [
     "quant_fp8_per_block",
     "dequant_fp8",
     "fp8_gemm",
+    "moe_topk_route",
+    "moe_dispatch",
+    "moe_combine",
+    "grouped_gemm",
+    "fp8_grouped_gemm",
     "cpu_isa",
     "use_cpu_isa",
     "info",
