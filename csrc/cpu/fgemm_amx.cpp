@@ -24,6 +24,11 @@ constexpr int64_t kTileElems = kT * kC;  // 512 bf16 = 1 KB
 constexpr int kVariantFma = 1;
 constexpr int kModeT = 2;
 constexpr int kXDirect = 4;
+// Y' much larger than X' (the weights of grad_a = grad @ b): instead of one packed copy of
+// all of Y' per call (a second pass over the weights through memory), each tile packs the
+// 32-column panel of Y' it needs into scratch, and the tile spans all rows of X'.
+constexpr int kYPanel = 8;
+constexpr int64_t kPanel = 128;  // Y' columns per panel
 
 struct alignas(64) TileConfig {
   uint8_t palette_id;
@@ -55,12 +60,14 @@ Core core_of(const FGemmArgs& a, const FGemmPlan& plan, const void* packed) {
   c.nj = c.trans ? a.m : a.n;
   c.pc = cdiv(a.k, kC);
   c.packed_y = static_cast<const uint16_t*>(packed);
-  c.packed_x = c.packed_y + cdiv(c.nj, kT) * c.pc * kTileElems;
+  c.packed_x = c.packed_y + (plan.variant & kYPanel ? 0 : cdiv(c.nj, kT)) * c.pc * kTileElems;
   return c;
 }
 
 FGemmPlan plan_amx(const FGemmArgs& a) {
-  if (a.dtype != DType::kBF16 || a.m <= 2 || a.n <= 2) {
+  // fp32 operands, and decode-sized products whose y columns are contiguous (the forward
+  // a @ b.T: the FMA kernel then streams the weights once, unpacked) take the AVX-512 kernel
+  if (a.dtype != DType::kBF16 || (a.y.rs == 1 && (a.m <= 2 || a.n <= 2))) {
     FGemmPlan p = fgemm_kernels_avx512().plan(a);
     p.variant = p.variant * 8 + kVariantFma;  // the avx512 variant rides in the upper bits
     return p;
@@ -71,17 +78,22 @@ FGemmPlan plan_amx(const FGemmArgs& a) {
   const bool direct = xv.cs == 1;
   p.variant = (trans ? kModeT : 0) | (direct ? kXDirect : 0);
   const int64_t mi = trans ? a.n : a.m, nj = trans ? a.m : a.n, pc = cdiv(a.k, kC);
-  const int64_t yblocks = cdiv(nj, kT), xblocks = direct ? 0 : cdiv(mi, kT);
+  const MatView yv = trans ? a.x.t() : a.y;
+  const bool panel = yv.cs == 1 && nj > 4 * mi;
+  if (panel) p.variant |= kYPanel;
+  const int64_t yblocks = panel ? 0 : cdiv(nj, kT), xblocks = direct ? 0 : cdiv(mi, kT);
   p.pack_units = yblocks + xblocks;
   p.packed_bytes = static_cast<size_t>((yblocks + xblocks) * pc * kTileElems) * 2;
   // tiles: 64 rows of X' (its two 32-row blocks stay in L2 while all of Y' streams by), and
-  // up to 256 columns of Y'; sizes in output coordinates
-  const int64_t ti = 64, tj = nj <= 256 ? round_up(nj, 32) : 256;
+  // up to 256 columns of Y'; with Y' panels, 32 columns and up to 256 rows of X'
+  const int64_t ti = panel ? (mi <= 256 ? round_up(mi, 32) : 256) : 64;
+  const int64_t tj = panel ? kPanel : (nj <= 256 ? round_up(nj, 32) : 256);
   p.tile_m = trans ? tj : ti;
   p.tile_n = trans ? ti : tj;
   p.scratch_bytes = 4 * 1024                                        // C tiles
                     + static_cast<size_t>(2 * pc) * kTileElems * 2  // X' edge tiles
-                    + static_cast<size_t>(2 * pc) * (sizeof(void*) + sizeof(int64_t));
+                    + static_cast<size_t>(2 * pc) * (sizeof(void*) + sizeof(int64_t))
+                    + (panel ? static_cast<size_t>(kPanel / kT * pc) * kTileElems * 2 + 64 : 0);
   return p;
 }
 
@@ -169,6 +181,37 @@ void pack_x_tile(const MatView& x, int64_t k, int64_t p0, int64_t i0, int64_t mv
   }
 }
 
+// The VNNI tiles of Y' columns j0..j0+nvalid-1 (nvalid <= kPanel) for every p-chunk, rows
+// contiguous (y.cs == 1): dst [kPanel / 16][pc] tiles. Rows are read in memory order,
+// kPanel * 2 bytes each, with the next rows prefetched (a column panel of a row-major matrix
+// is a strided walk the hardware prefetchers follow poorly).
+void pack_y_panel(const MatView& y, int64_t k, int64_t j0, int64_t nvalid, int64_t pc, uint16_t* dst) {
+  const uint16_t* base = static_cast<const uint16_t*>(y.ptr);
+  // (r0[j], r1[j]) for j = 0..15 and 16..31, from the concatenation r0 | r1
+  const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                      39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  constexpr int64_t kAhead = 8;  // row pairs
+  for (int64_t p = 0; p < pc * kC; p += 2) {
+    if (p + 2 * kAhead + 1 < k) {
+      for (int64_t g = 0; g < nvalid; g += 32) {
+        _mm_prefetch(reinterpret_cast<const char*>(base + (p + 2 * kAhead) * y.rs + j0 + g), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(base + (p + 2 * kAhead + 1) * y.rs + j0 + g), _MM_HINT_T0);
+      }
+    }
+    uint16_t* t0 = dst + (p / kC) * kTileElems + (p % kC) / 2 * 32;
+    for (int64_t g = 0; g < nvalid; g += 32) {
+      const int64_t left = nvalid - g;
+      const __mmask32 m = left >= 32 ? 0xffffffffu : (1u << left) - 1;
+      const __m512i r0 = p < k ? _mm512_maskz_loadu_epi16(m, base + p * y.rs + j0 + g) : _mm512_setzero_si512();
+      const __m512i r1 = p + 1 < k ? _mm512_maskz_loadu_epi16(m, base + (p + 1) * y.rs + j0 + g) : _mm512_setzero_si512();
+      uint16_t* t = t0 + (g / kT) * pc * kTileElems;
+      _mm512_store_si512(t, _mm512_permutex2var_epi16(r0, lo, r1));
+      _mm512_store_si512(t + pc * kTileElems, _mm512_permutex2var_epi16(r0, hi, r1));
+    }
+  }
+}
+
 void pack_amx(const FGemmArgs& a, const FGemmPlan& plan, int64_t u0, int64_t u1, void* packed) {
   if (plan.variant & kVariantFma) {
     FGemmPlan inner = plan;
@@ -176,7 +219,7 @@ void pack_amx(const FGemmArgs& a, const FGemmPlan& plan, int64_t u0, int64_t u1,
     return fgemm_kernels_avx512().pack(a, inner, u0, u1, packed);
   }
   const Core c = core_of(a, plan, packed);
-  const int64_t yblocks = cdiv(c.nj, kT);
+  const int64_t yblocks = plan.variant & kYPanel ? 0 : cdiv(c.nj, kT);
   for (int64_t u = u0; u < u1; ++u) {
     if (u < yblocks) {
       uint16_t* dst = const_cast<uint16_t*>(c.packed_y) + u * c.pc * kTileElems;
@@ -240,6 +283,10 @@ void tile_amx(const FGemmArgs& a, const FGemmPlan& plan, const void* packed, int
   uint16_t* edge = reinterpret_cast<uint16_t*>(ctmp + 4 * 256);     // [2][pc] X' tiles
   const uint16_t** xp = reinterpret_cast<const uint16_t**>(edge + 2 * pc * kTileElems);
   int64_t* xs = reinterpret_cast<int64_t*>(xp + 2 * pc);
+  // 64-byte aligned: the panel is written with aligned stores
+  uint16_t* panel = reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(xs + 2 * pc) + 63) & ~uintptr_t{63});
+  const bool use_panel = plan.variant & kYPanel;
+  if (use_panel) pack_y_panel(c.yv, a.k, j0, j1 - j0, pc, panel);  // the tile spans one panel
   const size_t esize = a.dtype == DType::kF32 ? 4 : 2;
   const uint16_t* xbase = static_cast<const uint16_t*>(c.xv.ptr);
 
@@ -265,6 +312,7 @@ void tile_amx(const FGemmArgs& a, const FGemmPlan& plan, const void* packed, int
     for (int64_t jb = j0; jb < j1; jb += 2 * kT) {
       const int nj = j1 - jb > kT ? 2 : 1;
       const uint16_t* y0 = c.packed_y + (jb / kT) * pc * kTileElems;
+      if (use_panel) y0 = panel + ((jb - j0) / kT) * pc * kTileElems;
       if (mi == 2 && nj == 2) block<2, 2>(xp, xs, y0, pc, ctmp);
       else if (mi == 2) block<2, 1>(xp, xs, y0, pc, ctmp);
       else if (nj == 2) block<1, 2>(xp, xs, y0, pc, ctmp);
