@@ -29,6 +29,7 @@ constexpr int kXDirect = 4;
 // 32-column panel of Y' it needs into scratch, and the tile spans all rows of X'.
 constexpr int kYPanel = 8;
 constexpr int64_t kPanel = 128;  // Y' columns per panel
+constexpr int64_t kKBlock = 8;   // p-chunks per K block (256 p: 16 KB of X' tiles)
 
 struct alignas(64) TileConfig {
   uint8_t palette_id;
@@ -90,7 +91,7 @@ FGemmPlan plan_amx(const FGemmArgs& a) {
   const int64_t tj = panel ? kPanel : (nj <= 256 ? round_up(nj, 32) : 256);
   p.tile_m = trans ? tj : ti;
   p.tile_n = trans ? ti : tj;
-  p.scratch_bytes = 4 * 1024                                        // C tiles
+  p.scratch_bytes = static_cast<size_t>(round_up(tj, 32) / 32) * 4096  // C tiles per column block
                     + static_cast<size_t>(2 * pc) * kTileElems * 2  // X' edge tiles
                     + static_cast<size_t>(2 * pc) * (sizeof(void*) + sizeof(int64_t))
                     + (panel ? static_cast<size_t>(kPanel / kT * pc) * kTileElems * 2 + 64 : 0);
@@ -235,15 +236,24 @@ void pack_amx(const FGemmArgs& a, const FGemmPlan& plan, int64_t u0, int64_t u1,
   }
 }
 
-// C'[32 x 32] block (MI x NJ tiles of 16 x 16) over all p-chunks.
+// C'[32 x 32] block (MI x NJ tiles of 16 x 16) over p-chunks [q0, q0 + qn), accumulated onto
+// the C tiles at acc (zeros when `first`). xp/xs: X' tile pointers and strides per chunk
+// (second tile row pc entries on); y0: Y' tiles per chunk (second column block pc tiles on).
 template <int MI, int NJ>
 void block(const uint16_t* const* xp, const int64_t* xs, const uint16_t* y0, int64_t pc,
-           float* ctmp) {
-  _tile_zero(0);
-  if constexpr (NJ == 2) _tile_zero(1);
-  if constexpr (MI == 2) _tile_zero(2);
-  if constexpr (MI == 2 && NJ == 2) _tile_zero(3);
-  for (int64_t q = 0; q < pc; ++q) {
+           int64_t q0, int64_t qn, bool first, float* acc) {
+  if (first) {
+    _tile_zero(0);
+    if constexpr (NJ == 2) _tile_zero(1);
+    if constexpr (MI == 2) _tile_zero(2);
+    if constexpr (MI == 2 && NJ == 2) _tile_zero(3);
+  } else {
+    _tile_loadd(0, acc, 64);
+    if constexpr (NJ == 2) _tile_loadd(1, acc + 256, 64);
+    if constexpr (MI == 2) _tile_loadd(2, acc + 512, 64);
+    if constexpr (MI == 2 && NJ == 2) _tile_loadd(3, acc + 768, 64);
+  }
+  for (int64_t q = q0; q < q0 + qn; ++q) {
     _tile_loadd(4, xp[q], xs[q]);
     _tile_loadd(6, y0 + q * kTileElems, 64);
     if constexpr (NJ == 2) _tile_loadd(7, y0 + (pc + q) * kTileElems, 64);
@@ -253,10 +263,10 @@ void block(const uint16_t* const* xp, const int64_t* xs, const uint16_t* y0, int
     if constexpr (MI == 2) _tile_dpbf16ps(2, 5, 6);
     if constexpr (MI == 2 && NJ == 2) _tile_dpbf16ps(3, 5, 7);
   }
-  _tile_stored(0, ctmp, 64);
-  if constexpr (NJ == 2) _tile_stored(1, ctmp + 256, 64);
-  if constexpr (MI == 2) _tile_stored(2, ctmp + 512, 64);
-  if constexpr (MI == 2 && NJ == 2) _tile_stored(3, ctmp + 768, 64);
+  _tile_stored(0, acc, 64);
+  if constexpr (NJ == 2) _tile_stored(1, acc + 256, 64);
+  if constexpr (MI == 2) _tile_stored(2, acc + 512, 64);
+  if constexpr (MI == 2 && NJ == 2) _tile_stored(3, acc + 768, 64);
 }
 
 void tile_amx(const FGemmArgs& a, const FGemmPlan& plan, const void* packed, int64_t m0,
@@ -279,8 +289,10 @@ void tile_amx(const FGemmArgs& a, const FGemmPlan& plan, const void* packed, int
   const int64_t pc = c.pc;
   const int64_t i0 = c.trans ? n0 : m0, i1 = c.trans ? n1 : m1;
   const int64_t j0 = c.trans ? m0 : n0, j1 = c.trans ? m1 : n1;
-  float* ctmp = static_cast<float*>(scratch);                       // 4 C tiles
-  uint16_t* edge = reinterpret_cast<uint16_t*>(ctmp + 4 * 256);     // [2][pc] X' tiles
+  // C tiles of every 32-column block of the tile: [jblocks][4][16 x 16] fp32
+  const int64_t tj = round_up(c.trans ? plan.tile_m : plan.tile_n, 32);
+  float* accs = static_cast<float*>(scratch);
+  uint16_t* edge = reinterpret_cast<uint16_t*>(accs + (tj / 32) * 1024);  // [2][pc] X' tiles
   const uint16_t** xp = reinterpret_cast<const uint16_t**>(edge + 2 * pc * kTileElems);
   int64_t* xs = reinterpret_cast<int64_t*>(xp + 2 * pc);
   // 64-byte aligned: the panel is written with aligned stores
@@ -309,14 +321,24 @@ void tile_amx(const FGemmArgs& a, const FGemmPlan& plan, const void* packed, int
         }
       }
     }
+    // K blocks outermost: the X' tiles of one block (32 rows x kKBlock) stay in L1 while
+    // every column block of Y' passes by; C lives in memory between K blocks
+    for (int64_t q0 = 0; q0 < pc; q0 += kKBlock) {
+      const int64_t qn = pc - q0 < kKBlock ? pc - q0 : kKBlock;
+      for (int64_t jb = j0; jb < j1; jb += 2 * kT) {
+        const int nj = j1 - jb > kT ? 2 : 1;
+        const uint16_t* y0 = use_panel ? panel + ((jb - j0) / kT) * pc * kTileElems
+                                       : c.packed_y + (jb / kT) * pc * kTileElems;
+        float* acc = accs + ((jb - j0) / 32) * 1024;
+        if (mi == 2 && nj == 2) block<2, 2>(xp, xs, y0, pc, q0, qn, q0 == 0, acc);
+        else if (mi == 2) block<2, 1>(xp, xs, y0, pc, q0, qn, q0 == 0, acc);
+        else if (nj == 2) block<1, 2>(xp, xs, y0, pc, q0, qn, q0 == 0, acc);
+        else block<1, 1>(xp, xs, y0, pc, q0, qn, q0 == 0, acc);
+      }
+    }
     for (int64_t jb = j0; jb < j1; jb += 2 * kT) {
       const int nj = j1 - jb > kT ? 2 : 1;
-      const uint16_t* y0 = c.packed_y + (jb / kT) * pc * kTileElems;
-      if (use_panel) y0 = panel + ((jb - j0) / kT) * pc * kTileElems;
-      if (mi == 2 && nj == 2) block<2, 2>(xp, xs, y0, pc, ctmp);
-      else if (mi == 2) block<2, 1>(xp, xs, y0, pc, ctmp);
-      else if (nj == 2) block<1, 2>(xp, xs, y0, pc, ctmp);
-      else block<1, 1>(xp, xs, y0, pc, ctmp);
+      const float* ctmp = accs + ((jb - j0) / 32) * 1024;
       // C' tile (h, g) holds rows ib + 16 h, columns jb + 16 g
       for (int h = 0; h < mi; ++h) {
         for (int g = 0; g < nj; ++g) {
