@@ -6,29 +6,11 @@
 #include <torch/library.h>
 
 #include "cuda/launch.h"
+#include "cuda_glue.h"
 #include "fp8_checks.h"
 
 namespace r1x {
 namespace {
-
-cuda::DType cuda_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return cuda::DType::kFloat32;
-    case at::kBFloat16: return cuda::DType::kBFloat16;
-    default: return cuda::DType::kFloat16;
-  }
-}
-
-void check_launch(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel failed: ", cudaGetErrorString(err));
-}
-
-// Contiguous, with a 16-byte-aligned data pointer (vector loads and TMA need it).
-at::Tensor dense(const at::Tensor& t) {
-  at::Tensor c = t.contiguous();
-  if (reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 != 0) c = c.clone();
-  return c;
-}
 
 std::tuple<at::Tensor, at::Tensor> quant_fp8_per_token_group_cuda(const at::Tensor& x,
                                                                   int64_t group_size, bool ue8m0) {

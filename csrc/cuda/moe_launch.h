@@ -97,18 +97,21 @@ cudaError_t fp8_grouped_gemm(const uint8_t* a, const float* a_scale, const uint8
                              int64_t ldo, void* workspace, size_t workspace_bytes,
                              cudaStream_t stream);
 
-// grouped_gemm's backward (CUDA-core tiled kernels, fp32 accumulation):
+// grouped_gemm's backward, fp32 accumulation:
 //   grad_a: grad [m, n], b [groups, n, k] -> out [m, k], out[rows of g] = grad[rows of g] @ b[g];
 //           rows >= offs[groups - 1] are zero.
 //   grad_b: grad [m, n], a [m, k] -> out [groups, n, k], out[g] = grad[rows of g].T @ a[rows
 //           of g]; empty groups are zero.
-// m, n, k, groups >= 1.
-size_t grouped_gemm_grad_workspace_bytes(int64_t m, int64_t groups);
+// bf16 with n % 8 == 0, k % 8 == 0 and 16-byte aligned pointers runs CUTLASS grouped kernels
+// on sm_90a (with MN-major operands where the product needs them), everything else a tiled
+// CUDA-core kernel. m, n, k, groups >= 1; the workspace must be 256-byte aligned.
+size_t grouped_gemm_grad_workspace_bytes(int64_t m, int64_t n, int64_t k, int64_t groups,
+                                         DType dtype);
 cudaError_t grouped_gemm_grad_a(const void* grad, const void* b, const int32_t* offs, void* out,
                                 DType dtype, int64_t m, int64_t n, int64_t k, int64_t groups,
                                 void* workspace, size_t workspace_bytes, cudaStream_t stream);
 cudaError_t grouped_gemm_grad_b(const void* grad, const void* a, const int32_t* offs, void* out,
                                 DType dtype, int64_t m, int64_t n, int64_t k, int64_t groups,
-                                cudaStream_t stream);
+                                void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
 }  // namespace r1x::cuda

@@ -1,0 +1,32 @@
+// The bf16 instantiation of the sm_90a CUTLASS grouped GEMM (see grouped_gemm_sm90.cuh).
+// Its own translation unit so that the CUTLASS instantiations compile in parallel.
+
+#include "cuda/grouped_gemm_sm90.cuh"
+
+namespace r1x::cuda::sm90 {
+
+#if defined(R1X_GROUPED_SM90)
+
+using Bf16Grouped =
+    GroupedGemmRunner<Bf16GroupedKernel<Bf16GroupedConfig, GroupedProduct::kForward>>;
+
+size_t grouped_gemm_sm90_bf16_workspace_bytes(int groups) {
+  return Bf16Grouped::workspace_bytes(groups);
+}
+
+cudaError_t grouped_gemm_sm90_bf16(const GroupedGemmSm90Problem& p, void* workspace,
+                                   size_t workspace_bytes, cudaStream_t stream) {
+  return Bf16Grouped::run(p, workspace, workspace_bytes, stream);
+}
+
+#else
+
+size_t grouped_gemm_sm90_bf16_workspace_bytes(int) { return 0; }
+
+cudaError_t grouped_gemm_sm90_bf16(const GroupedGemmSm90Problem&, void*, size_t, cudaStream_t) {
+  return cudaErrorNotSupported;
+}
+
+#endif  // R1X_GROUPED_SM90
+
+}  // namespace r1x::cuda::sm90
