@@ -66,6 +66,10 @@ def moe_dispatch(
         stable (token, slot) order; ``offs`` the cumulative end offset of each expert's rows (the
         ``torch._grouped_mm`` layout); ``perm[r] = t * k + j``, the (token, slot) of sorted row r.
         Differentiable w.r.t. ``x``.
+
+    Out-of-range ids raise on the CPU. On CUDA they are not checked (that would cost a host
+    sync): their rows sort after every expert's and belong to no group, so the grouped GEMMs
+    give them zeros.
     """
     return torch.ops.r1x.moe_dispatch.default(x, ids, num_experts)
 
