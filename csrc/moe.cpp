@@ -83,6 +83,29 @@ at::Tensor moe_combine_cpu(const at::Tensor& y_sorted, const at::Tensor& weights
   return half ? out.to(at::kHalf) : out;
 }
 
+std::tuple<at::Tensor, at::Tensor> moe_combine_backward_cpu(const at::Tensor& grad_out,
+                                                            const at::Tensor& y_sorted,
+                                                            const at::Tensor& weights,
+                                                            const at::Tensor& perm) {
+  check_moe_combine_backward(grad_out, y_sorted, weights, perm);
+  const int64_t t = weights.size(0), k = weights.size(1), h = y_sorted.size(1);
+  const bool half = y_sorted.scalar_type() == at::kHalf;  // computed in float32, as the forward
+  const at::Tensor yc = half ? y_sorted.to(at::kFloat).contiguous() : y_sorted.contiguous();
+  const at::Tensor gc = half ? grad_out.to(at::kFloat).contiguous() : grad_out.contiguous();
+  const at::Tensor wc = weights.contiguous(), pc = perm.contiguous();
+  at::Tensor grad_y = at::empty({t * k, h}, yc.options());
+  at::Tensor grad_w = at::empty({t, k}, weights.options().dtype(at::kFloat));
+  if (t * k > 0) {
+    const int64_t bad = cpu::moe_combine_backward(gc.data_ptr(), yc.data_ptr(), cpu_dtype(yc.scalar_type()),
+                                                  wc.data_ptr(), cpu_dtype(wc.scalar_type()),
+                                                  pc.data_ptr<int32_t>(), t, k, h, grad_y.data_ptr(),
+                                                  grad_w.data_ptr<float>());
+    TORCH_CHECK_VALUE(bad < 0, "moe_combine_backward: `perm` must be a permutation of [0, ", t * k,
+                      "); entry ", bad, " is out of range or repeated");
+  }
+  return {half ? grad_y.to(at::kHalf) : grad_y, grad_w.to(weights.scalar_type())};
+}
+
 // rows past the last group's end offset are zero
 void zero_tail(at::Tensor& out, const at::Tensor& offs) {
   const int64_t groups = offs.size(0);
@@ -169,6 +192,7 @@ TORCH_LIBRARY_IMPL(r1x, CPU, m) {
   m.impl("moe_topk_route", &moe_topk_route_cpu);
   m.impl("moe_dispatch", &moe_dispatch_cpu);
   m.impl("moe_combine", &moe_combine_cpu);
+  m.impl("moe_combine_backward", &moe_combine_backward_cpu);
   m.impl("grouped_gemm", &grouped_gemm_cpu);
   m.impl("grouped_gemm_grad_a", &grouped_gemm_grad_a_cpu);
   m.impl("grouped_gemm_grad_b", &grouped_gemm_grad_b_cpu);

@@ -100,6 +100,17 @@ inline void check_moe_combine(const at::Tensor& y, const at::Tensor& weights,
                     " rows, got shape ", y.sizes());
 }
 
+inline void check_moe_combine_backward(const at::Tensor& grad_out, const at::Tensor& y,
+                                       const at::Tensor& weights, const at::Tensor& perm) {
+  constexpr const char* op = "moe_combine_backward";
+  check_moe_combine(y, weights, perm, weights.dim() == 2 ? weights.size(0) : 0);
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == y.scalar_type(), op,
+                   ": `grad_out` must have the dtype of `y_sorted` (", y.scalar_type(), "), got ",
+                   grad_out.scalar_type());
+  check_same_device(op, "grad_out", grad_out, "y_sorted", y);
+  check_shape(op, "grad_out", grad_out, {weights.size(0), y.size(1)}, "[num_tokens, H2]");
+}
+
 inline void check_grouped_gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offs) {
   constexpr const char* op = "grouped_gemm";
   check_dtype(op, "a", a, {at::kFloat, at::kBFloat16}, "float32 or bfloat16");

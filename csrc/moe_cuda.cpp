@@ -115,6 +115,28 @@ at::Tensor moe_combine_cuda(const at::Tensor& y_sorted, const at::Tensor& weight
   return out;
 }
 
+std::tuple<at::Tensor, at::Tensor> moe_combine_backward_cuda(const at::Tensor& grad_out,
+                                                             const at::Tensor& y_sorted,
+                                                             const at::Tensor& weights,
+                                                             const at::Tensor& perm) {
+  constexpr const char* op = "moe_combine_backward";
+  check_moe_combine_backward(grad_out, y_sorted, weights, perm);
+  const c10::cuda::CUDAGuard guard(y_sorted.device());
+  const int64_t t = weights.size(0), k = weights.size(1), h = y_sorted.size(1);
+  TORCH_CHECK_VALUE(t * k <= INT_MAX, op, ": num_tokens * top_k must fit in int32, got ", t * k);
+  at::Tensor grad_y = at::empty({t * k, h}, y_sorted.options());
+  at::Tensor grad_w = at::empty({t, k}, weights.options().dtype(at::kFloat));
+  if (t * k == 0) return {grad_y, grad_w.to(weights.scalar_type())};
+  const at::Tensor gc = dense(grad_out), yc = dense(y_sorted), wc = dense(weights), pc = dense(perm);
+  const Workspace ws = make_workspace(cuda::moe_combine_workspace_bytes(t, k), y_sorted);
+  check_launch(cuda::moe_combine_backward(gc.data_ptr(), yc.data_ptr(), cuda_dtype(y_sorted.scalar_type()),
+                                          wc.data_ptr(), cuda_dtype(weights.scalar_type()),
+                                          pc.data_ptr<int32_t>(), t, k, h, grad_y.data_ptr(),
+                                          grad_w.data_ptr<float>(), ws.ptr, ws.bytes, current_stream()),
+               op);
+  return {grad_y, grad_w.to(weights.scalar_type())};
+}
+
 at::Tensor grouped_gemm_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offs) {
   constexpr const char* op = "grouped_gemm";
   check_grouped_gemm(a, b, offs);
@@ -230,6 +252,7 @@ TORCH_LIBRARY_IMPL(r1x, CUDA, m) {
   m.impl("moe_topk_route", &moe_topk_route_cuda);
   m.impl("moe_dispatch", &moe_dispatch_cuda);
   m.impl("moe_combine", &moe_combine_cuda);
+  m.impl("moe_combine_backward", &moe_combine_backward_cuda);
   m.impl("grouped_gemm", &grouped_gemm_cuda);
   m.impl("grouped_gemm_grad_a", &grouped_gemm_grad_a_cuda);
   m.impl("grouped_gemm_grad_b", &grouped_gemm_grad_b_cuda);

@@ -19,6 +19,8 @@ TORCH_LIBRARY(r1x, m) {
       "str score_func=\"sigmoid\", bool norm_topk_prob=True, float routed_scaling_factor=1.0) -> (Tensor, Tensor)");
   m.def("moe_dispatch(Tensor x, Tensor ids, int num_experts) -> (Tensor, Tensor, Tensor)");
   m.def("moe_combine(Tensor y_sorted, Tensor weights, Tensor perm, int num_tokens) -> Tensor");
+  // moe_combine's backward: (grad of y_sorted, grad of weights)
+  m.def("moe_combine_backward(Tensor grad_out, Tensor y_sorted, Tensor weights, Tensor perm) -> (Tensor, Tensor)");
   m.def("grouped_gemm(Tensor a, Tensor b, Tensor offs) -> Tensor");
   m.def(
       "fp8_grouped_gemm(Tensor a, Tensor a_scale, Tensor b, Tensor b_scale, Tensor offs, "

@@ -186,6 +186,26 @@ def test_combine_matches_reference(device, gen):
             torch.testing.assert_close(out.cpu().double(), expected, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_combine_backward_matches_reference(device, gen, dtype):
+    t, e, k, h = 37, 8, 3, 70
+    ids = torch.stack([torch.randperm(e, generator=gen)[:k] for _ in range(t)]).int().to(device)
+    _, _, perm = r1x.moe_dispatch(torch.empty(t, 1, device=device), ids, e)
+    y = torch.randn(t * k, h, generator=gen).to(dtype).to(device)
+    w = torch.rand(t, k, generator=gen).to(device)
+    g = torch.randn(t, h, generator=gen).to(dtype).to(device)
+    grad_y, grad_w = OPS.moe_combine_backward(g, y, w, perm)
+    assert grad_y.dtype == dtype and grad_w.dtype == w.dtype
+    y64, w64 = y.cpu().double(), w.cpu().double()
+    p = perm.cpu().long()
+    exp_gy = g.cpu().double()[p // k] * w64.reshape(-1)[p].unsqueeze(1)
+    exp_gw = torch.zeros(t * k, dtype=torch.float64)
+    exp_gw[p] = (g.cpu().double()[p // k] * y64).sum(1)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(grad_y.cpu().double(), exp_gy, rtol=tol, atol=tol)
+    torch.testing.assert_close(grad_w.cpu().double(), exp_gw.view(t, k), rtol=1e-5, atol=1e-4 * h)
+
+
 def test_dispatch_combine_gradients(device, gen):
     t, e, k, h = 10, 6, 3, 24
     x = torch.randn(t, h, generator=gen, dtype=torch.float64).float().to(device).requires_grad_()
@@ -312,6 +332,7 @@ def test_opcheck(device, gen):
     opcheck(OPS.moe_dispatch.default, (x, ids, 16))
     xs, offs, perm = r1x.moe_dispatch(x, ids, 16)
     opcheck(OPS.moe_combine.default, (xs, w, perm, 7))
+    opcheck(OPS.moe_combine_backward.default, (torch.randn(7, 24, generator=gen).to(device), xs, w, perm))
     b = torch.randn(16, 10, 24, generator=gen).to(device)
     opcheck(OPS.grouped_gemm.default, (xs, b, offs))
     opcheck(OPS.grouped_gemm.default, (xs.bfloat16(), b.bfloat16(), offs))
@@ -408,6 +429,10 @@ def test_bad_input_dispatch_combine(device):
     _raises(lambda: c(xs, w, perm[:7], 4), "`perm`", "[8]")
     _raises(lambda: c(xs[:7], w, perm, 4), "`y_sorted`", "8")
     _raises(lambda: c(xs, w.to("meta"), perm, 4), "`weights`")
+    cb = OPS.moe_combine_backward
+    _raises(lambda: cb(x[:3], xs, w, perm), "`grad_out`", "[4, 16]")
+    _raises(lambda: cb(x.bfloat16(), xs, w, perm), "`grad_out`", "dtype")
+    _raises(lambda: cb(x, xs, w, perm[:5]), "`perm`")
     if device == "cpu":
         _raises(lambda: c(xs, w, torch.zeros_like(perm), 4), "`perm`", "permutation")
         _raises(lambda: c(xs, w, perm + 1, 4), "`perm`")

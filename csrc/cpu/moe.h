@@ -34,6 +34,13 @@ void moe_gather_rows(const void* x, int64_t row_bytes, const int32_t* perm, int6
 int64_t moe_combine(const void* y, DType dtype, const void* w, DType w_dtype,
                     const int32_t* perm, int64_t t, int64_t k, int64_t h, void* out);
 
+// The backward of moe_combine: grad_y[inv[s]] = w[s] * g[s / k] and grad_w[s] = dot(g[s / k],
+// y[inv[s]]) (fp32); g, y and grad_y of dtype (kF32 or kBF16), w of w_dtype, grad_w fp32.
+// Returns the first r whose perm[r] is out of range or repeated, or -1.
+int64_t moe_combine_backward(const void* g, const void* y, DType dtype, const void* w,
+                             DType w_dtype, const int32_t* perm, int64_t t, int64_t k, int64_t h,
+                             void* grad_y, float* grad_w);
+
 // Per group g (rows offs[g-1]:offs[g]): out rows = a rows @ b[g].T (fp32 accumulation).
 void grouped_gemm(const void* a, const void* b, const int32_t* offs, int64_t groups, int64_t n,
                   int64_t k, DType dtype, void* out);

@@ -84,6 +84,12 @@ template <>
 inline float to_f32<float>(float v) { return v; }
 template <>
 inline float to_f32<uint16_t>(uint16_t v) { return bf16_to_f32(v); }
+template <class T>
+inline T from_f32(float v);
+template <>
+inline float from_f32<float>(float v) { return v; }
+template <>
+inline uint16_t from_f32<uint16_t>(float v) { return f32_to_bf16(v); }
 
 }  // namespace
 
@@ -152,15 +158,69 @@ void combine_rows(const T* y, const void* w, DType w_dtype, const int32_t* inv, 
 
 }  // namespace
 
-int64_t moe_combine(const void* y, DType dtype, const void* w, DType w_dtype,
-                    const int32_t* perm, int64_t t, int64_t k, int64_t h, void* out) {
-  const int64_t rows = t * k;
-  std::vector<int32_t> inv(rows, -1);
+namespace {
+
+// inv[perm[r]] = r; the first bad r (out of range or repeated), or -1.
+int64_t invert(const int32_t* perm, int64_t rows, std::vector<int32_t>& inv) {
+  inv.assign(rows, -1);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t p = perm[r];
     if (p < 0 || p >= rows || inv[p] >= 0) return r;
     inv[p] = static_cast<int32_t>(r);
   }
+  return -1;
+}
+
+template <class T>
+void combine_backward_rows(const T* g, const T* y, const void* w, DType w_dtype,
+                           const int32_t* inv, int64_t t0, int64_t t1, int64_t k, int64_t h,
+                           T* grad_y, float* grad_w) {
+  std::vector<float> gf(h);
+  for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t c = 0; c < h; ++c) gf[c] = to_f32(g[t * h + c]);
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t r = inv[t * k + j];
+      const float wj = load_as_f32(w, int(w_dtype), t * k + j);
+      const T* yr = y + r * h;
+      T* gy = grad_y + r * h;
+      float dot[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      int64_t c = 0;
+      for (; c + 8 <= h; c += 8)
+        for (int u = 0; u < 8; ++u) dot[u] += gf[c + u] * to_f32(yr[c + u]);
+      for (; c < h; ++c) dot[0] += gf[c] * to_f32(yr[c]);
+      for (c = 0; c < h; ++c) gy[c] = from_f32<T>(wj * gf[c]);
+      grad_w[t * k + j] = ((dot[0] + dot[1]) + (dot[2] + dot[3])) + ((dot[4] + dot[5]) + (dot[6] + dot[7]));
+    }
+  }
+}
+
+}  // namespace
+
+int64_t moe_combine_backward(const void* g, const void* y, DType dtype, const void* w,
+                             DType w_dtype, const int32_t* perm, int64_t t, int64_t k, int64_t h,
+                             void* grad_y, float* grad_w) {
+  std::vector<int32_t> inv;
+  const int64_t bad = invert(perm, t * k, inv);
+  if (bad >= 0) return bad;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(h * k, 1));
+  at::parallel_for(0, t, grain, [&](int64_t t0, int64_t t1) {
+    if (dtype == DType::kF32) {
+      combine_backward_rows(static_cast<const float*>(g), static_cast<const float*>(y), w, w_dtype,
+                            inv.data(), t0, t1, k, h, static_cast<float*>(grad_y), grad_w);
+    } else {
+      combine_backward_rows(static_cast<const uint16_t*>(g), static_cast<const uint16_t*>(y), w,
+                            w_dtype, inv.data(), t0, t1, k, h, static_cast<uint16_t*>(grad_y), grad_w);
+    }
+  });
+  return -1;
+}
+
+int64_t moe_combine(const void* y, DType dtype, const void* w, DType w_dtype,
+                    const int32_t* perm, int64_t t, int64_t k, int64_t h, void* out) {
+  const int64_t rows = t * k;
+  std::vector<int32_t> inv;
+  const int64_t bad = invert(perm, rows, inv);
+  if (bad >= 0) return bad;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(h * k, 1));
   at::parallel_for(0, t, grain, [&](int64_t t0, int64_t t1) {
     if (dtype == DType::kF32) {

@@ -71,6 +71,16 @@ cudaError_t moe_combine(const void* y_sorted, DType y_dtype, const void* weights
                         const int32_t* perm, int64_t tokens, int64_t top_k, int64_t cols,
                         void* out, void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
+// The backward of moe_combine: grad_out [tokens, cols] (y's dtype) -> grad_y [tokens * top_k,
+// cols] (y's dtype) and grad_w [tokens, top_k] fp32: grad_y[inv[s]] = w[s] * grad_out[s / top_k]
+// and grad_w[s] = dot(grad_out[s / top_k], y_sorted[inv[s]]) in fp32. Rows of grad_y that perm
+// does not reach are zero. Workspace: moe_combine_workspace_bytes(tokens, top_k).
+cudaError_t moe_combine_backward(const void* grad_out, const void* y_sorted, DType y_dtype,
+                                 const void* weights, DType w_dtype, const int32_t* perm,
+                                 int64_t tokens, int64_t top_k, int64_t cols, void* grad_y,
+                                 float* grad_w, void* workspace, size_t workspace_bytes,
+                                 cudaStream_t stream);
+
 // ---- grouped GEMMs ------------------------------------------------------------------------
 // grouped_gemm: a [m, k], b [groups, n, k] (both kFloat32 or kBFloat16), offs [groups] ->
 // out [m, ldo] (columns [0, n) written): out[rows of g] = a[rows of g] @ b[g].T with fp32

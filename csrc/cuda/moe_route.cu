@@ -471,6 +471,63 @@ cudaError_t combine_weight_dispatch(const void* y, const void* w, DType w_dtype,
   return cudaErrorInvalidValue;
 }
 
+// One warp per slot s = (t, j): grad_y[inv[s]] = w[s] * g[t], grad_w[s] = dot(g[t], y[inv[s]]).
+template <typename T, typename TW>
+__global__ void __launch_bounds__(256)
+combine_backward_kernel(const T* __restrict__ g, const T* __restrict__ y, const TW* __restrict__ w,
+                        const int32_t* __restrict__ inv, int64_t tokens, int64_t top_k,
+                        int64_t cols, T* __restrict__ grad_y, float* __restrict__ grad_w) {
+  const int64_t rows = tokens * top_k;
+  const int lane = threadIdx.x % kWarp;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / kWarp);
+  for (int64_t s = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp; s < rows;
+       s += warps) {
+    const int32_t r = inv[s];
+    float acc = 0.0f;
+    if (r >= 0 && r < rows) {
+      const float wt = to_float(w[s]);
+      const T* gt = g + (s / top_k) * cols;
+      const T* yr = y + static_cast<int64_t>(r) * cols;
+      T* gy = grad_y + static_cast<int64_t>(r) * cols;
+      for (int64_t c = lane; c < cols; c += kWarp) {
+        const float gv = to_float(gt[c]);
+        gy[c] = from_float<T>(wt * gv);
+        acc = fmaf(gv, to_float(yr[c]), acc);
+      }
+    }
+#pragma unroll
+    for (int off = kWarp / 2; off > 0; off /= 2) acc += __shfl_xor_sync(kFullMask, acc, off);
+    if (lane == 0) grad_w[s] = acc;
+  }
+}
+
+template <typename T>
+cudaError_t launch_combine_backward(const void* g, const void* y, const void* w, DType w_dtype,
+                                    const int32_t* inv, int64_t tokens, int64_t top_k,
+                                    int64_t cols, void* grad_y, float* grad_w,
+                                    cudaStream_t stream) {
+  constexpr int kThreads = 256;
+  const unsigned grid = grid_for(tokens * top_k, kThreads / kWarp);
+  const T* gt = static_cast<const T*>(g);
+  const T* yt = static_cast<const T*>(y);
+  T* gy = static_cast<T*>(grad_y);
+  switch (w_dtype) {
+    case DType::kFloat32:
+      combine_backward_kernel<T, float><<<grid, kThreads, 0, stream>>>(
+          gt, yt, static_cast<const float*>(w), inv, tokens, top_k, cols, gy, grad_w);
+      break;
+    case DType::kBFloat16:
+      combine_backward_kernel<T, __nv_bfloat16><<<grid, kThreads, 0, stream>>>(
+          gt, yt, static_cast<const __nv_bfloat16*>(w), inv, tokens, top_k, cols, gy, grad_w);
+      break;
+    case DType::kFloat16:
+      combine_backward_kernel<T, __half><<<grid, kThreads, 0, stream>>>(
+          gt, yt, static_cast<const __half*>(w), inv, tokens, top_k, cols, gy, grad_w);
+      break;
+  }
+  return cudaGetLastError();
+}
+
 }  // namespace
 
 // ---- routing ------------------------------------------------------------------------------
@@ -615,6 +672,45 @@ cudaError_t moe_combine(const void* y_sorted, DType y_dtype, const void* weights
     case DType::kFloat16:
       return combine_weight_dispatch<__half>(y_sorted, weights, w_dtype, inv, tokens, top_k,
                                              cols, out, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t moe_combine_backward(const void* grad_out, const void* y_sorted, DType y_dtype,
+                                 const void* weights, DType w_dtype, const int32_t* perm,
+                                 int64_t tokens, int64_t top_k, int64_t cols, void* grad_y,
+                                 float* grad_w, void* workspace, size_t workspace_bytes,
+                                 cudaStream_t stream) {
+  if (tokens < 0 || top_k < 0 || cols < 0) return cudaErrorInvalidValue;
+  const int64_t rows = tokens * top_k;
+  if (rows == 0) return cudaSuccess;
+  if (top_k > 0 && tokens > INT_MAX / top_k) return cudaErrorInvalidValue;
+  if (grad_out == nullptr || y_sorted == nullptr || weights == nullptr || perm == nullptr ||
+      grad_y == nullptr || grad_w == nullptr || workspace == nullptr ||
+      workspace_bytes < moe_combine_workspace_bytes(tokens, top_k) || !aligned_to(workspace, 4)) {
+    return cudaErrorInvalidValue;
+  }
+  int32_t* inv = static_cast<int32_t*>(workspace);
+  cudaError_t err = cudaMemsetAsync(inv, 0xff, static_cast<size_t>(rows) * sizeof(int32_t), stream);
+  if (err != cudaSuccess) return err;
+  const size_t esize = y_dtype == DType::kFloat32 ? 4 : 2;
+  // rows of grad_y that perm does not reach (perm not a permutation) stay zero
+  err = cudaMemsetAsync(grad_y, 0, static_cast<size_t>(rows * cols) * esize, stream);
+  if (err != cudaSuccess) return err;
+  constexpr int kThreads = 256;
+  inverse_perm_kernel<<<grid_for(rows, kThreads), kThreads, 0, stream>>>(perm, rows, inv);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  switch (y_dtype) {
+    case DType::kFloat32:
+      return launch_combine_backward<float>(grad_out, y_sorted, weights, w_dtype, inv, tokens,
+                                            top_k, cols, grad_y, grad_w, stream);
+    case DType::kBFloat16:
+      return launch_combine_backward<__nv_bfloat16>(grad_out, y_sorted, weights, w_dtype, inv,
+                                                    tokens, top_k, cols, grad_y, grad_w, stream);
+    case DType::kFloat16:
+      return launch_combine_backward<__half>(grad_out, y_sorted, weights, w_dtype, inv, tokens,
+                                             top_k, cols, grad_y, grad_w, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -167,7 +167,7 @@ def _(x, ids, num_experts):
 
 
 @torch.library.register_fake("r1x::moe_combine")
-def _(y_sorted, weights, perm, num_tokens):
+def _combine_fake(y_sorted, weights, perm, num_tokens):
     op = "moe_combine"
     _check_dtype(op, "y_sorted", y_sorted, _FLOATS, "float32, bfloat16 or float16")
     _check_dtype(op, "weights", weights, _FLOATS, "float32, bfloat16 or float16")
@@ -183,6 +183,18 @@ def _(y_sorted, weights, perm, num_tokens):
     torch._check(y_sorted.shape[0] == rows,
                  lambda: f"{op}: `y_sorted` must have num_tokens * top_k = {rows} rows, got shape {list(y_sorted.shape)}")
     return y_sorted.new_empty((num_tokens, y_sorted.shape[1]))
+
+
+@torch.library.register_fake("r1x::moe_combine_backward")
+def _(grad_out, y_sorted, weights, perm):
+    op = "moe_combine_backward"
+    _combine_fake(y_sorted, weights, perm, weights.shape[0] if weights.dim() == 2 else 0)
+    torch._check(grad_out.dtype == y_sorted.dtype,
+                 lambda: f"{op}: `grad_out` must have the dtype of `y_sorted` ({y_sorted.dtype}), got {grad_out.dtype}")
+    _check_same_device(op, "y_sorted", y_sorted, grad_out=grad_out)
+    _check_shape(op, "grad_out", grad_out, (weights.shape[0], y_sorted.shape[1]), "[num_tokens, H2]")
+    return torch.empty_like(y_sorted, memory_format=torch.contiguous_format), torch.empty_like(
+        weights, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("r1x::grouped_gemm")
@@ -306,16 +318,8 @@ def _combine_setup(ctx, inputs, output):
 
 
 def _combine_backward(ctx, grad_out):
-    y, weights, perm, = ctx.saved_tensors
-    k = weights.shape[1]
-    p = perm.long()
-    rows = grad_out.index_select(0, torch.div(p, k, rounding_mode="floor")).float()
-    grad_y = grad_w = None
-    if ctx.needs_input_grad[0]:
-        grad_y = (rows * weights.reshape(-1).float()[p].unsqueeze(1)).to(y.dtype)
-    if ctx.needs_input_grad[1]:
-        per_row = (rows * y.float()).sum(-1)
-        grad_w = torch.zeros_like(per_row).index_copy_(0, p, per_row).view_as(weights).to(weights.dtype)
+    y, weights, perm = ctx.saved_tensors
+    grad_y, grad_w = torch.ops.r1x.moe_combine_backward.default(grad_out.contiguous(), y, weights, perm)
     return grad_y, grad_w, None, None
 
 
