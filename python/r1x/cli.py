@@ -1,7 +1,7 @@
 """The ``r1x`` command.
 
     r1x info                 what r1x was built with and what this machine offers
-    r1x bench [--op fp8_gemm] [--shapes MxNxK,...] [--out DIR]
+    r1x bench [--op fp8_gemm|moe|all] [--shapes MxNxK,...] [--tokens T,...] [--out DIR]
                              microbenchmarks against baselines (table, JSON, PNG)
 """
 
@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-BENCHMARKS = ("fp8_gemm",)
+BENCHMARKS = ("fp8_gemm", "moe")
 
 
 def _cmd_info(args) -> int:
@@ -24,7 +24,7 @@ def _cmd_info(args) -> int:
 def _cmd_bench(args) -> int:
     import torch
 
-    from r1x.bench import fp8_gemm
+    from r1x.bench import fp8_gemm, moe
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     ops = BENCHMARKS if args.op == "all" else (args.op,)
@@ -33,8 +33,11 @@ def _cmd_bench(args) -> int:
         if op == "fp8_gemm":
             shapes = fp8_gemm.parse_shapes(args.shapes) if args.shapes else None
             res = fp8_gemm.run(device, shapes, args.full, args.out, args.budget)
-            for kind, path in res.get("paths", {}).items():
-                print(f"wrote {path}")
+        elif op == "moe":
+            tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else None
+            res = moe.run(device, args.full, args.out, args.budget, tokens=tokens)
+        for kind, path in res.get("paths", {}).items():
+            print(f"wrote {path}")
     return 0
 
 
@@ -45,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="microbenchmarks against baselines")
     b.add_argument("--op", choices=("all",) + BENCHMARKS, default="all")
     b.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    b.add_argument("--shapes", default=None, help="MxNxK,MxNxK,... (default: DeepSeek-V3 shapes)")
+    b.add_argument("--shapes", default=None, help="fp8_gemm: MxNxK,MxNxK,... (default: DeepSeek-V3 shapes)")
+    b.add_argument("--tokens", default=None, help="moe: only these token counts T, e.g. 1,16 (default: all)")
     b.add_argument("--full", action="store_true", help="every default shape, also the slow CPU ones")
     b.add_argument("--budget", type=float, default=1.0, help="seconds of timed runs per method")
     b.add_argument("--out", default="r1x-bench", help="output folder (default: ./r1x-bench)")
