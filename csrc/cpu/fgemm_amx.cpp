@@ -213,6 +213,19 @@ void pack_y_panel(const MatView& y, int64_t k, int64_t j0, int64_t nvalid, int64
   }
 }
 
+// Rows r0..r0+rows-1 of X' (contiguous in p) -> pc row-major tiles [16][32], zero-padded.
+void copy_x_rows(const MatView& x, int64_t k, int64_t r0, int64_t rows, int64_t pc, uint16_t* dst) {
+  const uint16_t* base = static_cast<const uint16_t*>(x.ptr);
+  for (int64_t i = 0; i < kT; ++i) {
+    const uint16_t* src = base + (r0 + i) * x.rs;
+    for (int64_t q = 0; q < pc; ++q) {
+      const int64_t pv = k - q * kC < kC ? k - q * kC : kC;
+      const __mmask32 m = i < rows ? (pv >= 32 ? 0xffffffffu : (1u << pv) - 1) : 0;
+      _mm512_storeu_si512(dst + q * kTileElems + i * kC, _mm512_maskz_loadu_epi16(m, src + q * kC));
+    }
+  }
+}
+
 void pack_amx(const FGemmArgs& a, const FGemmPlan& plan, int64_t u0, int64_t u1, void* packed) {
   if (plan.variant & kVariantFma) {
     FGemmPlan inner = plan;
@@ -300,7 +313,6 @@ void tile_amx(const FGemmArgs& a, const FGemmPlan& plan, const void* packed, int
   const bool use_panel = plan.variant & kYPanel;
   if (use_panel) pack_y_panel(c.yv, a.k, j0, j1 - j0, pc, panel);  // the tile spans one panel
   const size_t esize = a.dtype == DType::kF32 ? 4 : 2;
-  const uint16_t* xbase = static_cast<const uint16_t*>(c.xv.ptr);
 
   for (int64_t ib = i0; ib < i1; ib += 2 * kT) {
     const int mi = i1 - ib > kT ? 2 : 1;
@@ -311,15 +323,15 @@ void tile_amx(const FGemmArgs& a, const FGemmPlan& plan, const void* packed, int
         if (!c.xdirect) {
           xp[slot] = c.packed_x + ((r0 / kT) * pc + q) * kTileElems;
           xs[slot] = 64;
-        } else if (rows == kT && (q + 1) * kC <= a.k) {
-          xp[slot] = xbase + r0 * c.xv.rs + q * kC;
-          xs[slot] = c.xv.rs * 2;
         } else {
-          pack_x_tile(c.xv, a.k, q * kC, r0, rows, edge + slot * kTileElems);
           xp[slot] = edge + slot * kTileElems;
           xs[slot] = 64;
         }
       }
+      // Rows with contiguous p are copied into contiguous tiles rather than loaded in place:
+      // rows a multiple of 4 KB apart (a K of 2048 bf16) all map to the same L1 sets and would
+      // evict each other while the column blocks pass by. Read in memory order.
+      if (c.xdirect) copy_x_rows(c.xv, a.k, r0, rows, pc, edge + h * pc * kTileElems);
     }
     // K blocks outermost: the X' tiles of one block (32 rows x kKBlock) stay in L1 while
     // every column block of Y' passes by; C lives in memory between K blocks
@@ -349,11 +361,14 @@ void tile_amx(const FGemmArgs& a, const FGemmPlan& plan, const void* packed, int
             for (int64_t r = 0; r < nr; ++r)
               store_f32_row(ct + r * 16, nc, a.dtype, static_cast<char*>(a.out) + ((r0 + r) * a.ldo + c0) * esize);
           } else {
-            alignas(64) float tr[16 * 16];
-            for (int64_t r = 0; r < 16; ++r)
-              for (int64_t cc = 0; cc < 16; ++cc) tr[cc * 16 + r] = ct[r * 16 + cc];
-            for (int64_t cc = 0; cc < nc; ++cc)
-              store_f32_row(tr + cc * 16, nr, a.dtype, static_cast<char*>(a.out) + ((c0 + cc) * a.ldo + r0) * esize);
+            // column cc of the C' tile is a row of out: 16 strided values, one gather
+            const __m512i rows16 = _mm512_set_epi32(240, 224, 208, 192, 176, 160, 144, 128, 112,
+                                                    96, 80, 64, 48, 32, 16, 0);
+            alignas(64) float col[16];
+            for (int64_t cc = 0; cc < nc; ++cc) {
+              _mm512_store_ps(col, _mm512_i32gather_ps(_mm512_add_epi32(rows16, _mm512_set1_epi32(int(cc))), ct, 4));
+              store_f32_row(col, nr, a.dtype, static_cast<char*>(a.out) + ((c0 + cc) * a.ldo + r0) * esize);
+            }
           }
         }
       }
