@@ -133,6 +133,40 @@ struct E4m3Decoder {
     for (int g = 0; g < 4; ++g)
       out[g] = _mm512_castsi512_ps(_mm512_maskz_permutex2var_epi8(top, lo, widen[g], hi));
   }
+  // 64 e4m3 bytes -> 64 bf16 in lane-permuted order: 128-bit lane L of out0 holds elements
+  // 16 L + 0..7, of out1 16 L + 8..15 (byte unpacks instead of decode64's byte permutes). For
+  // products whose two operands are both decoded this way (the AMX GEMM's A and B).
+  inline void decode64_perm(const uint8_t* p, __m512i& out0, __m512i& out1) const {
+    __m512i lo, hi;
+    bytes64(p, lo, hi);
+    out0 = _mm512_unpacklo_epi8(lo, hi);
+    out1 = _mm512_unpackhi_epi8(lo, hi);
+  }
+  // 64 e4m3 bytes -> 64 fp32 in lane-permuted order: out[g], 128-bit lane L, holds elements
+  // 16 L + 4 g .. 16 L + 4 g + 3. Byte and word unpacks instead of decode64_f32's byte
+  // permutes (which compete with the FMAs for one port): a dot product whose other operand is
+  // permuted alike (permute64_f32) is unchanged.
+  inline void decode64_f32_perm(const uint8_t* p, __m512 out[4]) const {
+    __m512i lo, hi;
+    bytes64(p, lo, hi);
+    const __m512i w0 = _mm512_unpacklo_epi8(lo, hi);  // bf16 of bytes 16 L + 0..7
+    const __m512i w1 = _mm512_unpackhi_epi8(lo, hi);  // bf16 of bytes 16 L + 8..15
+    const __m512i z = _mm512_setzero_si512();
+    out[0] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(z, w0));
+    out[1] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(z, w0));
+    out[2] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(z, w1));
+    out[3] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(z, w1));
+  }
+  // decode64_f32_perm over n (multiple of 64) contiguous bytes, with prefetch.
+  inline void decode_row_f32_perm(const uint8_t* src, int64_t n, float* dst) const {
+    for (int64_t i = 0; i < n; i += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(src + i) + kPrefetchBytes, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(src + i) + 4 * kPrefetchBytes, _MM_HINT_T1);
+      __m512 v[4];
+      decode64_f32_perm(src + i, v);
+      for (int g = 0; g < 4; ++g) _mm512_storeu_ps(dst + i + 16 * g, v[g]);
+    }
+  }
   // n (multiple of 64) contiguous e4m3 bytes -> n fp32, prefetching the stream ahead (also
   // past its end: rows of a matrix are contiguous).
   inline void decode_row_f32(const uint8_t* src, int64_t n, float* dst) const {
@@ -145,6 +179,17 @@ struct E4m3Decoder {
     }
   }
 };
+
+// 64 fp32 (v[q] = elements 16 q .. 16 q + 15) into decode64_f32_perm's order: a 4 x 4
+// transpose of 128-bit lanes (out[g] lane L = v[L] lane g).
+inline void permute64_f32(const __m512 v[4], __m512 out[4]) {
+  const __m512 t0 = _mm512_shuffle_f32x4(v[0], v[1], 0x44), t1 = _mm512_shuffle_f32x4(v[0], v[1], 0xee);
+  const __m512 t2 = _mm512_shuffle_f32x4(v[2], v[3], 0x44), t3 = _mm512_shuffle_f32x4(v[2], v[3], 0xee);
+  out[0] = _mm512_shuffle_f32x4(t0, t2, 0x88);
+  out[1] = _mm512_shuffle_f32x4(t0, t2, 0xdd);
+  out[2] = _mm512_shuffle_f32x4(t1, t3, 0x88);
+  out[3] = _mm512_shuffle_f32x4(t1, t3, 0xdd);
+}
 
 inline __m512 bf16x16_to_f32(__m256i h) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));

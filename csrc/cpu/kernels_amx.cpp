@@ -6,7 +6,9 @@
 // buffer (no transposition of the large operand), while A (the activations, decoded and
 // VNNI-packed once per call) takes the transposition. Per 128-wide K block, 4 tile products
 // accumulate in the tile registers, which are then stored and promoted into fp32
-// accumulators with that block's scales (DeepGEMM's promotion, on the CPU).
+// accumulators with that block's scales (DeepGEMM's promotion, on the CPU). A and B are both
+// decoded with decode64_perm, so K runs in the same (lane-permuted) order within every 64
+// values of both operands.
 #include <cstring>
 
 #include "cpu/avx512_util.h"
@@ -81,7 +83,7 @@ void pack_a_amx(const GemmArgs& args, const GemmPlan& plan, int64_t m0, int64_t 
         const int64_t m = mb * kTile + r;
         if (m < args.m) {
           __m512i o0, o1;
-          dec.decode64(args.a + m * k + k64, o0, o1);
+          dec.decode64_perm(args.a + m * k + k64, o0, o1);
           _mm512_store_si512(rows[r], o0);
           _mm512_store_si512(rows[r] + 32, o1);
         } else {
@@ -226,7 +228,7 @@ void tile_amx(const GemmArgs& args, const GemmPlan& plan, const void* packed, in
     uint16_t* dst = tile_row(base, r);
     for (int64_t j = 0; j < kGemmBlock; j += 64) {
       __m512i o0, o1;
-      dec.decode64(src + j, o0, o1);
+      dec.decode64_perm(src + j, o0, o1);
       _mm512_store_si512(dst + (j / kChunk) * 512, o0);
       _mm512_store_si512(dst + (j / kChunk + 1) * 512, o1);
     }

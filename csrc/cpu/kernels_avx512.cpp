@@ -1,5 +1,8 @@
 // AVX-512 kernels (F/BW/VL/DQ/VBMI + AVX512_BF16).
 //
+// Within every 64 values of K, A and B are both held in decode64_f32_perm's lane order (dot
+// products do not care), which lets B be decoded with unpacks rather than byte permutes.
+//
 // The GEMM runs on fp32 FMA: on current x86 cores a 512-bit FMA retires every cycle while
 // vdpbf16ps (the bf16 pair dot product) takes several, so decoding e4m3 to fp32 and using
 // FMA does more work per cycle. The scales are folded into A instead of promoting per-block
@@ -85,7 +88,7 @@ inline void fused_rows(const E4m3Decoder& dec, const float* as, const uint8_t* b
       _mm_prefetch(reinterpret_cast<const char*>(src) + kPrefetchBytes, _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(src) + 4 * kPrefetchBytes, _MM_HINT_T1);
       __m512 v[4];
-      dec.decode64_f32(src, v);
+      dec.decode64_f32_perm(src, v);
       _Pragma("GCC unroll 4") for (int g = 0; g < 4; ++g)
         _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i)
           acc[i][j] = _mm512_fmadd_ps(_mm512_loadu_ps(as + i * k + c + 16 * g), v[g], acc[i][j]);
@@ -118,8 +121,12 @@ void tile_avx512(const GemmArgs& args, const GemmPlan& plan, const void* packed,
     const float* sa = args.a_scale + (m0 + i) * kblocks;
     for (int64_t kb = 0; kb < kblocks; ++kb) {
       const __m512 s = _mm512_set1_ps(sa[kb] * sb[kb]);
-      for (int64_t c = kb * kGemmBlock; c < (kb + 1) * kGemmBlock; c += 16)
-        _mm512_storeu_ps(as + i * k + c, _mm512_mul_ps(_mm512_loadu_ps(src + c), s));
+      for (int64_t c = kb * kGemmBlock; c < (kb + 1) * kGemmBlock; c += 64) {
+        __m512 v[4], pv[4];
+        for (int g = 0; g < 4; ++g) v[g] = _mm512_mul_ps(_mm512_loadu_ps(src + c + 16 * g), s);
+        permute64_f32(v, pv);  // the order B is decoded in
+        for (int g = 0; g < 4; ++g) _mm512_storeu_ps(as + i * k + c + 16 * g, pv[g]);
+      }
     }
   }
   if (tm == 2) {
@@ -129,7 +136,7 @@ void tile_avx512(const GemmArgs& args, const GemmPlan& plan, const void* packed,
   } else {
     for (int64_t n = n0; n < n1; n += kNr) {
       const int64_t rows = n1 - n < kNr ? n1 - n : kNr;
-      dec.decode_row_f32(args.b + n * k, rows * k, bbuf);  // the rows are contiguous
+      dec.decode_row_f32_perm(args.b + n * k, rows * k, bbuf);  // the rows are contiguous
       float* out = acc + (n - n0);
       switch (rows) {
         case 4: rows_of_b<4>(as, tm, k, bbuf, out, tn); break;
