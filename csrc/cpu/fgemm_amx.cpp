@@ -313,6 +313,12 @@ void tile_amx(const FGemmArgs& a, const FGemmPlan& plan, const void* packed, int
   const bool use_panel = plan.variant & kYPanel;
   if (use_panel) pack_y_panel(c.yv, a.k, j0, j1 - j0, pc, panel);  // the tile spans one panel
   const size_t esize = a.dtype == DType::kF32 ? 4 : 2;
+  const uint16_t* xbase = static_cast<const uint16_t*>(c.xv.ptr);
+  // Rows of X' with contiguous p are copied into contiguous tiles when several column blocks
+  // will reuse them: rows a multiple of 4 KB apart (a K of 2048 bf16) all map to the same L1
+  // sets and would evict each other between the column blocks. A single column block (a
+  // decode-sized batch) reads them once, in place.
+  const bool copy_x = c.xdirect && j1 - j0 > 2 * kT;
 
   for (int64_t ib = i0; ib < i1; ib += 2 * kT) {
     const int mi = i1 - ib > kT ? 2 : 1;
@@ -323,15 +329,16 @@ void tile_amx(const FGemmArgs& a, const FGemmPlan& plan, const void* packed, int
         if (!c.xdirect) {
           xp[slot] = c.packed_x + ((r0 / kT) * pc + q) * kTileElems;
           xs[slot] = 64;
+        } else if (!copy_x && rows == kT && (q + 1) * kC <= a.k) {
+          xp[slot] = xbase + r0 * c.xv.rs + q * kC;  // loaded in place
+          xs[slot] = c.xv.rs * 2;
         } else {
+          if (!copy_x) pack_x_tile(c.xv, a.k, q * kC, r0, rows, edge + slot * kTileElems);
           xp[slot] = edge + slot * kTileElems;
           xs[slot] = 64;
         }
       }
-      // Rows with contiguous p are copied into contiguous tiles rather than loaded in place:
-      // rows a multiple of 4 KB apart (a K of 2048 bf16) all map to the same L1 sets and would
-      // evict each other while the column blocks pass by. Read in memory order.
-      if (c.xdirect) copy_x_rows(c.xv, a.k, r0, rows, pc, edge + h * pc * kTileElems);
+      if (copy_x) copy_x_rows(c.xv, a.k, r0, rows, pc, edge + h * pc * kTileElems);
     }
     // K blocks outermost: the X' tiles of one block (32 rows x kKBlock) stay in L1 while
     // every column block of Y' passes by; C lives in memory between K blocks
