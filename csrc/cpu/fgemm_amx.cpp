@@ -266,15 +266,30 @@ void block(const uint16_t* const* xp, const int64_t* xs, const uint16_t* y0, int
     if constexpr (MI == 2) _tile_loadd(2, acc + 512, 64);
     if constexpr (MI == 2 && NJ == 2) _tile_loadd(3, acc + 768, 64);
   }
-  for (int64_t q = q0; q < q0 + qn; ++q) {
-    _tile_loadd(4, xp[q], xs[q]);
-    _tile_loadd(6, y0 + q * kTileElems, 64);
-    if constexpr (NJ == 2) _tile_loadd(7, y0 + (pc + q) * kTileElems, 64);
-    if constexpr (MI == 2) _tile_loadd(5, xp[pc + q], xs[pc + q]);
+  // Tile registers are not renamed: a load into a tile waits for every product still reading
+  // it. Each operand of the next chunk is loaded right after its last use in this one, so the
+  // loads run under the remaining products instead of stalling the unit.
+  const int64_t q1 = q0 + qn;
+  _tile_loadd(4, xp[q0], xs[q0]);
+  _tile_loadd(6, y0 + q0 * kTileElems, 64);
+  if constexpr (NJ == 2) _tile_loadd(7, y0 + (pc + q0) * kTileElems, 64);
+  if constexpr (MI == 2) _tile_loadd(5, xp[pc + q0], xs[pc + q0]);
+  for (int64_t q = q0; q < q1; ++q) {
+    const bool more = q + 1 < q1;
     _tile_dpbf16ps(0, 4, 6);
     if constexpr (NJ == 2) _tile_dpbf16ps(1, 4, 7);
-    if constexpr (MI == 2) _tile_dpbf16ps(2, 5, 6);
-    if constexpr (MI == 2 && NJ == 2) _tile_dpbf16ps(3, 5, 7);
+    if (more) _tile_loadd(4, xp[q + 1], xs[q + 1]);
+    if constexpr (MI == 2) {
+      _tile_dpbf16ps(2, 5, 6);
+      if (more) _tile_loadd(6, y0 + (q + 1) * kTileElems, 64);
+      if constexpr (NJ == 2) _tile_dpbf16ps(3, 5, 7);
+      if (more) _tile_loadd(5, xp[pc + q + 1], xs[pc + q + 1]);
+    } else {
+      if (more) _tile_loadd(6, y0 + (q + 1) * kTileElems, 64);
+    }
+    if constexpr (NJ == 2) {
+      if (more) _tile_loadd(7, y0 + (pc + q + 1) * kTileElems, 64);
+    }
   }
   _tile_stored(0, acc, 64);
   if constexpr (NJ == 2) _tile_stored(1, acc + 256, 64);
