@@ -29,6 +29,7 @@ constexpr int kXDirect = 4;
 // 32-column panel of Y' it needs into scratch, and the tile spans all rows of X'.
 constexpr int kYPanel = 8;
 constexpr int64_t kPanel = 128;  // Y' columns per panel
+constexpr int64_t kCopyXMinCols = 128;  // see tile_amx
 constexpr int64_t kKBlock = 8;   // p-chunks per K block (256 p: 16 KB of X' tiles)
 
 struct alignas(64) TileConfig {
@@ -331,9 +332,10 @@ void tile_amx(const FGemmArgs& a, const FGemmPlan& plan, const void* packed, int
   const uint16_t* xbase = static_cast<const uint16_t*>(c.xv.ptr);
   // Rows of X' with contiguous p are copied into contiguous tiles when several column blocks
   // will reuse them: rows a multiple of 4 KB apart (a K of 2048 bf16) all map to the same L1
-  // sets and would evict each other between the column blocks. A single column block (a
-  // decode-sized batch) reads them once, in place.
-  const bool copy_x = c.xdirect && j1 - j0 > 2 * kT;
+  // sets and would evict each other between the column blocks. A few column blocks (small
+  // batches per expert) read them in place, where the loads overlap the products (a copy
+  // would first stall on memory).
+  const bool copy_x = c.xdirect && j1 - j0 > kCopyXMinCols;
 
   for (int64_t ib = i0; ib < i1; ib += 2 * kT) {
     const int mi = i1 - ib > kT ? 2 : 1;
