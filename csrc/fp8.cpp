@@ -2,19 +2,12 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "cpu_glue.h"
 #include "cpu/fp8.h"
 #include "fp8_checks.h"
 
 namespace r1x {
 namespace {
-
-cpu::DType cpu_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return cpu::DType::kF32;
-    case at::kBFloat16: return cpu::DType::kBF16;
-    default: return cpu::DType::kF16;
-  }
-}
 
 std::tuple<at::Tensor, at::Tensor> quant_fp8_per_token_group_cpu(const at::Tensor& x,
                                                                  int64_t group_size, bool ue8m0) {

@@ -75,10 +75,12 @@ inline void check_dequant(const at::Tensor& q, const at::Tensor& scale, at::IntA
   check_shape(op, "scale", scale, expected, "one scale per block of `q`");
 }
 
-inline at::ScalarType gemm_out_dtype(std::optional<at::ScalarType> out_dtype) {
+// The output dtype of the FP8 GEMMs (bf16 when not given).
+inline at::ScalarType gemm_out_dtype(std::optional<at::ScalarType> out_dtype,
+                                     const char* op = "fp8_gemm") {
   const at::ScalarType d = out_dtype.value_or(at::kBFloat16);
-  TORCH_CHECK_VALUE(d == at::kBFloat16 || d == at::kFloat,
-                    "fp8_gemm: `out_dtype` must be torch.bfloat16 or torch.float32, got ", d);
+  TORCH_CHECK_VALUE(d == at::kBFloat16 || d == at::kFloat, op,
+                    ": `out_dtype` must be torch.bfloat16 or torch.float32, got ", d);
   return d;
 }
 

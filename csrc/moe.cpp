@@ -2,19 +2,12 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "cpu_glue.h"
 #include "cpu/moe.h"
 #include "moe_checks.h"
 
 namespace r1x {
 namespace {
-
-cpu::DType cpu_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return cpu::DType::kF32;
-    case at::kBFloat16: return cpu::DType::kBF16;
-    default: return cpu::DType::kF16;
-  }
-}
 
 std::tuple<at::Tensor, at::Tensor> moe_topk_route_cpu(const at::Tensor& logits, int64_t top_k,
                                                       const std::optional<at::Tensor>& bias,
@@ -130,10 +123,7 @@ at::Tensor grouped_gemm_cpu(const at::Tensor& a, const at::Tensor& b, const at::
 at::Tensor grouped_gemm_grad_a_cpu(const at::Tensor& grad, const at::Tensor& b,
                                    const at::Tensor& offs) {
   constexpr const char* op = "grouped_gemm_grad_a";
-  check_dim(op, "b", b, 3);
-  check_grouped_gemm_grad(op, grad, "b", b, offs, b.size(0));
-  TORCH_CHECK_VALUE(b.size(1) == grad.size(1), op, ": `b` must be [E, N, K] with the N of `grad` (",
-                    grad.size(1), "), got shape ", b.sizes());
+  check_grouped_gemm_grad_a(grad, b, offs);
   const at::Tensor oc = offs.contiguous();
   check_offs_values(op, oc.data_ptr<int32_t>(), oc.size(0), grad.size(0));
   const int64_t m = grad.size(0), n = b.size(1), k = b.size(2);
@@ -149,11 +139,7 @@ at::Tensor grouped_gemm_grad_a_cpu(const at::Tensor& grad, const at::Tensor& b,
 at::Tensor grouped_gemm_grad_b_cpu(const at::Tensor& grad, const at::Tensor& a,
                                    const at::Tensor& offs, int64_t num_groups) {
   constexpr const char* op = "grouped_gemm_grad_b";
-  TORCH_CHECK_VALUE(num_groups >= 0, op, ": `num_groups` must be >= 0, got ", num_groups);
-  check_dim(op, "a", a, 2);
-  check_grouped_gemm_grad(op, grad, "a", a, offs, num_groups);
-  TORCH_CHECK_VALUE(a.size(0) == grad.size(0), op, ": `a` must have the rows of `grad` (",
-                    grad.size(0), "), got shape ", a.sizes());
+  check_grouped_gemm_grad_b(grad, a, offs, num_groups);
   const at::Tensor oc = offs.contiguous();
   check_offs_values(op, oc.data_ptr<int32_t>(), num_groups, grad.size(0));
   const int64_t n = grad.size(1), k = a.size(1);
@@ -168,7 +154,7 @@ at::Tensor grouped_gemm_grad_b_cpu(const at::Tensor& grad, const at::Tensor& a,
 at::Tensor fp8_grouped_gemm_cpu(const at::Tensor& a, const at::Tensor& a_scale,
                                 const at::Tensor& b, const at::Tensor& b_scale,
                                 const at::Tensor& offs, std::optional<at::ScalarType> out_dtype) {
-  const at::ScalarType odt = grouped_out_dtype(out_dtype);
+  const at::ScalarType odt = gemm_out_dtype(out_dtype, "fp8_grouped_gemm");
   check_fp8_grouped_gemm(a, a_scale, b, b_scale, offs);
   const at::Tensor oc = offs.contiguous();
   check_offs_values("fp8_grouped_gemm", oc.data_ptr<int32_t>(), oc.size(0), a.size(0));

@@ -137,6 +137,25 @@ inline void check_grouped_gemm_grad(const char* op, const at::Tensor& grad, cons
   check_offs(op, offs, num_groups, grad, "grad");
 }
 
+inline void check_grouped_gemm_grad_a(const at::Tensor& grad, const at::Tensor& b,
+                                      const at::Tensor& offs) {
+  constexpr const char* op = "grouped_gemm_grad_a";
+  check_dim(op, "b", b, 3);
+  check_grouped_gemm_grad(op, grad, "b", b, offs, b.size(0));
+  TORCH_CHECK_VALUE(b.size(1) == grad.size(1), op, ": `b` must be [E, N, K] with the N of `grad` (",
+                    grad.size(1), "), got shape ", b.sizes());
+}
+
+inline void check_grouped_gemm_grad_b(const at::Tensor& grad, const at::Tensor& a,
+                                      const at::Tensor& offs, int64_t num_groups) {
+  constexpr const char* op = "grouped_gemm_grad_b";
+  TORCH_CHECK_VALUE(num_groups >= 0, op, ": `num_groups` must be >= 0, got ", num_groups);
+  check_dim(op, "a", a, 2);
+  check_grouped_gemm_grad(op, grad, "a", a, offs, num_groups);
+  TORCH_CHECK_VALUE(a.size(0) == grad.size(0), op, ": `a` must have the rows of `grad` (",
+                    grad.size(0), "), got shape ", a.sizes());
+}
+
 inline void check_fp8_grouped_gemm(const at::Tensor& a, const at::Tensor& a_scale,
                                    const at::Tensor& b, const at::Tensor& b_scale,
                                    const at::Tensor& offs) {
@@ -159,13 +178,6 @@ inline void check_fp8_grouped_gemm(const at::Tensor& a, const at::Tensor& a_scal
   check_shape(op, "b_scale", b_scale, {b.size(0), ceil_div(b.size(1), 128), k / 128},
               "[E, ceil(N/128), K/128]: one scale per 128x128 block of each expert");
   check_offs(op, offs, b.size(0), a, "a");
-}
-
-inline at::ScalarType grouped_out_dtype(std::optional<at::ScalarType> out_dtype) {
-  const at::ScalarType d = out_dtype.value_or(at::kBFloat16);
-  TORCH_CHECK_VALUE(d == at::kBFloat16 || d == at::kFloat,
-                    "fp8_grouped_gemm: `out_dtype` must be torch.bfloat16 or torch.float32, got ", d);
-  return d;
 }
 
 }  // namespace r1x

@@ -163,10 +163,7 @@ at::Tensor grouped_gemm_cuda(const at::Tensor& a, const at::Tensor& b, const at:
 at::Tensor grouped_gemm_grad_a_cuda(const at::Tensor& grad, const at::Tensor& b,
                                     const at::Tensor& offs) {
   constexpr const char* op = "grouped_gemm_grad_a";
-  check_dim(op, "b", b, 3);
-  check_grouped_gemm_grad(op, grad, "b", b, offs, b.size(0));
-  TORCH_CHECK_VALUE(b.size(1) == grad.size(1), op, ": `b` must be [E, N, K] with the N of `grad` (",
-                    grad.size(1), "), got shape ", b.sizes());
+  check_grouped_gemm_grad_a(grad, b, offs);
   const c10::cuda::CUDAGuard guard(grad.device());
   const int64_t m = grad.size(0), n = b.size(1), k = b.size(2), groups = b.size(0);
   if (m == 0 || k == 0) return at::empty({m, k}, grad.options());
@@ -189,11 +186,7 @@ at::Tensor grouped_gemm_grad_a_cuda(const at::Tensor& grad, const at::Tensor& b,
 at::Tensor grouped_gemm_grad_b_cuda(const at::Tensor& grad, const at::Tensor& a,
                                     const at::Tensor& offs, int64_t num_groups) {
   constexpr const char* op = "grouped_gemm_grad_b";
-  TORCH_CHECK_VALUE(num_groups >= 0, op, ": `num_groups` must be >= 0, got ", num_groups);
-  check_dim(op, "a", a, 2);
-  check_grouped_gemm_grad(op, grad, "a", a, offs, num_groups);
-  TORCH_CHECK_VALUE(a.size(0) == grad.size(0), op, ": `a` must have the rows of `grad` (",
-                    grad.size(0), "), got shape ", a.sizes());
+  check_grouped_gemm_grad_b(grad, a, offs, num_groups);
   const c10::cuda::CUDAGuard guard(grad.device());
   const int64_t m = grad.size(0), n = grad.size(1), k = a.size(1);
   at::Tensor out = at::empty({num_groups, n, k}, grad.options());
@@ -217,7 +210,7 @@ at::Tensor fp8_grouped_gemm_cuda(const at::Tensor& a, const at::Tensor& a_scale,
                                  const at::Tensor& b, const at::Tensor& b_scale,
                                  const at::Tensor& offs, std::optional<at::ScalarType> out_dtype) {
   constexpr const char* op = "fp8_grouped_gemm";
-  const at::ScalarType odt = grouped_out_dtype(out_dtype);
+  const at::ScalarType odt = gemm_out_dtype(out_dtype, "fp8_grouped_gemm");
   check_fp8_grouped_gemm(a, a_scale, b, b_scale, offs);
   const c10::cuda::CUDAGuard guard(a.device());
   const int64_t m = a.size(0), n = b.size(1), k = a.size(1), groups = b.size(0);

@@ -12,6 +12,7 @@
 // tiles that would read past the end of an operand are copied into zero-padded scratch.
 #include <cstring>
 
+#include "cpu/amx_util.h"
 #include "cpu/avx512_util.h"
 #include "cpu/fgemm.h"
 
@@ -31,14 +32,6 @@ constexpr int kYPanel = 8;
 constexpr int64_t kPanel = 128;  // Y' columns per panel
 constexpr int64_t kCopyXMinCols = 128;  // see tile_amx
 constexpr int64_t kKBlock = 8;   // p-chunks per K block (256 p: 16 KB of X' tiles)
-
-struct alignas(64) TileConfig {
-  uint8_t palette_id;
-  uint8_t start_row;
-  uint8_t reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
 
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round_up(int64_t a, int64_t b) { return cdiv(a, b) * b; }
@@ -305,14 +298,7 @@ void tile_amx(const FGemmArgs& a, const FGemmPlan& plan, const void* packed, int
     inner.variant = plan.variant / 8;
     return fgemm_kernels_avx512().tile(a, inner, packed, m0, m1, n0, n1, scratch);
   }
-  TileConfig cfg;
-  std::memset(&cfg, 0, sizeof(cfg));
-  cfg.palette_id = 1;
-  for (int t = 0; t < 8; ++t) {
-    cfg.colsb[t] = 64;
-    cfg.rows[t] = 16;
-  }
-  _tile_loadconfig(&cfg);
+  configure_full_tiles();
 
   const Core c = core_of(a, plan, packed);
   const int64_t pc = c.pc;

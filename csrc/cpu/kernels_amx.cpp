@@ -11,6 +11,7 @@
 // values of both operands.
 #include <cstring>
 
+#include "cpu/amx_util.h"
 #include "cpu/avx512_util.h"
 
 namespace r1x::cpu {
@@ -21,14 +22,6 @@ constexpr int64_t kChunk = 32;       // K per tile product
 constexpr int64_t kTileNMax = 128;   // output columns per task (inside one weight block)
 constexpr int64_t kPackRows = 32;    // A is packed (and padded with zeros) to 32-row blocks
 constexpr int64_t kAmxPrefetchL1 = 1024;  // per weight row, bytes ahead into L1
-
-struct alignas(64) TileConfig {
-  uint8_t palette_id;
-  uint8_t start_row;
-  uint8_t reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -183,14 +176,7 @@ void tile_amx(const GemmArgs& args, const GemmPlan& plan, const void* packed, in
   if (plan.variant == kVariantFma) {
     return kernels_avx512().gemm_tile(args, plan, packed, m0, m1, n0, n1, scratch);
   }
-  TileConfig cfg;
-  std::memset(&cfg, 0, sizeof(cfg));
-  cfg.palette_id = 1;
-  for (int t = 0; t < 8; ++t) {
-    cfg.colsb[t] = 64;
-    cfg.rows[t] = 16;
-  }
-  _tile_loadconfig(&cfg);
+  configure_full_tiles();
 
   const E4m3Decoder dec;
   const int64_t k = args.k, kblocks = k / kGemmBlock, m32 = round_up(args.m, kPackRows);

@@ -15,6 +15,7 @@
 
 #include "cuda/moe_launch.h"
 
+#include "cuda/common.cuh"
 #include "cuda/grouped_gemm_sm90.h"
 
 #include <cuda_bf16.h>
@@ -29,28 +30,7 @@ namespace {
 constexpr size_t kSectionAlign = 256;
 constexpr int kFp8Block = 128;
 
-inline size_t align_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
 
-inline bool aligned(const void* p, uintptr_t a) {
-  return (reinterpret_cast<uintptr_t>(p) & (a - 1)) == 0;
-}
-
-inline unsigned grid_for(int64_t items, int64_t items_per_cta) {
-  const int64_t ctas = (items + items_per_cta - 1) / items_per_cta;
-  return static_cast<unsigned>(ctas < 1 ? 1 : (ctas > 65536 ? 65536 : ctas));
-}
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 
 struct GroupBounds {
   int64_t start;
@@ -394,7 +374,7 @@ cudaError_t launch_rows_gemm(const void* x, const void* b, const int32_t* offs, 
                              int64_t m, int64_t n, int64_t k, int64_t groups, int64_t ldo,
                              void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   if (workspace == nullptr || workspace_bytes < tile_prefix_bytes(groups) ||
-      !aligned(workspace, 8)) {
+      !aligned_to(workspace, 8)) {
     return cudaErrorInvalidValue;
   }
   const int64_t cols = kGradA ? k : n;
@@ -479,8 +459,8 @@ cudaError_t grouped_gemm(const void* a, const void* b, const int32_t* offs, void
     return launch_rows_gemm<float, false>(a, b, offs, out, m, n, k, groups, ldo, workspace,
                                           workspace_bytes, stream);
   }
-  const bool tma = k % 8 == 0 && ldo % 8 == 0 && aligned(a, 16) && aligned(b, 16) &&
-                   aligned(out, 16) && aligned(workspace, kSectionAlign);
+  const bool tma = k % 8 == 0 && ldo % 8 == 0 && aligned_to(a, 16) && aligned_to(b, 16) &&
+                   aligned_to(out, 16) && aligned_to(workspace, kSectionAlign);
   if (tma) {
     cudaError_t err = zero_tail_rows<__nv_bfloat16>(offs, static_cast<int>(groups), m, n, ldo,
                                                     out, stream);
@@ -523,12 +503,12 @@ cudaError_t fp8_grouped_gemm(const uint8_t* a, const float* a_scale, const uint8
       offs == nullptr || out == nullptr) {
     return cudaErrorInvalidValue;
   }
-  if (!aligned(a, 16) || !aligned(b, 16) || !aligned(out, 16) || !aligned(a_scale, 4) ||
-      !aligned(b_scale, 4)) {
+  if (!aligned_to(a, 16) || !aligned_to(b, 16) || !aligned_to(out, 16) || !aligned_to(a_scale, 4) ||
+      !aligned_to(b_scale, 4)) {
     return cudaErrorInvalidValue;
   }
   const Fp8Plan plan = plan_fp8(m, n, k, groups, out_dtype);
-  if (workspace == nullptr || workspace_bytes < plan.total || !aligned(workspace, kSectionAlign)) {
+  if (workspace == nullptr || workspace_bytes < plan.total || !aligned_to(workspace, kSectionAlign)) {
     return cudaErrorInvalidValue;
   }
   auto* ws = static_cast<uint8_t*>(workspace);
@@ -586,8 +566,8 @@ namespace {
 // of every operand), 16-byte aligned pointers.
 bool grad_tma(DType dtype, int64_t n, int64_t k, const void* x, const void* y, const void* out,
               const void* workspace) {
-  return dtype == DType::kBFloat16 && n % 8 == 0 && k % 8 == 0 && aligned(x, 16) &&
-         aligned(y, 16) && aligned(out, 16) && aligned(workspace, kSectionAlign);
+  return dtype == DType::kBFloat16 && n % 8 == 0 && k % 8 == 0 && aligned_to(x, 16) &&
+         aligned_to(y, 16) && aligned_to(out, 16) && aligned_to(workspace, kSectionAlign);
 }
 
 sm90::GroupedGemmSm90Problem grad_problem(const void* x, const void* y, const int32_t* offs,

@@ -46,3 +46,16 @@ def random_scales(shape, spread: float = 4.0, device="cpu", generator=None) -> t
     """Positive float32 scales spread over ``10**±spread``."""
     e = (torch.rand(shape, generator=generator, dtype=torch.float64) * 2 - 1) * spread
     return (10**e).float().to(device)
+
+
+def assert_raises_naming(fn, *names) -> None:
+    """``fn()`` must raise RuntimeError/ValueError/TypeError whose message contains every one
+    of ``names`` (the argument it names, what was expected)."""
+    try:
+        fn()
+    except (RuntimeError, ValueError, TypeError) as e:
+        msg = str(e)
+        for name in names:
+            assert name in msg, f"error message does not name {name!r}: {msg}"
+        return
+    raise AssertionError(f"no error raised; expected one naming {names}")
