@@ -84,25 +84,34 @@ inline at::ScalarType gemm_out_dtype(std::optional<at::ScalarType> out_dtype,
   return d;
 }
 
-inline void check_fp8_gemm(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& b,
-                           const at::Tensor& b_scale) {
-  constexpr const char* op = "fp8_gemm";
+// What the FP8 GEMMs share: e4m3 a [M, K] and b (`b_layout`, rank b_dim, K last), float32
+// scales, one device, K % 128 == 0. Returns K.
+inline int64_t check_fp8_gemm_operands(const char* op, const at::Tensor& a,
+                                       const at::Tensor& a_scale, const at::Tensor& b,
+                                       const at::Tensor& b_scale, int64_t b_dim,
+                                       const char* b_layout) {
   check_dtype(op, "a", a, {at::kFloat8_e4m3fn}, "float8_e4m3fn");
   check_dtype(op, "b", b, {at::kFloat8_e4m3fn}, "float8_e4m3fn");
   check_dtype(op, "a_scale", a_scale, {at::kFloat}, "float32");
   check_dtype(op, "b_scale", b_scale, {at::kFloat}, "float32");
   check_dim(op, "a", a, 2);
-  check_dim(op, "b", b, 2);
+  check_dim(op, "b", b, b_dim);
   check_same_device(op, "a_scale", a_scale, "a", a);
   check_same_device(op, "b", b, "a", a);
   check_same_device(op, "b_scale", b_scale, "a", a);
   const int64_t k = a.size(1);
-  TORCH_CHECK_VALUE(b.size(1) == k, op, ": `b` must be [N, K] with the K of `a` (", k,
+  TORCH_CHECK_VALUE(b.size(-1) == k, op, ": `b` must be ", b_layout, " with the K of `a` (", k,
                     "), got shape ", b.sizes());
   TORCH_CHECK_VALUE(k % 128 == 0, op, ": K (the last dimension of `a` and `b`) must be a multiple "
                     "of 128, got ", k);
   check_shape(op, "a_scale", a_scale, {a.size(0), k / 128}, "[M, K/128]: one scale per 1x128 group");
-  check_shape(op, "b_scale", b_scale, {ceil_div(b.size(0), 128), k / 128},
+  return k;
+}
+
+inline void check_fp8_gemm(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& b,
+                           const at::Tensor& b_scale) {
+  const int64_t k = check_fp8_gemm_operands("fp8_gemm", a, a_scale, b, b_scale, 2, "[N, K]");
+  check_shape("fp8_gemm", "b_scale", b_scale, {ceil_div(b.size(0), 128), k / 128},
               "[ceil(N/128), K/128]: one scale per 128x128 block");
 }
 

@@ -160,21 +160,7 @@ inline void check_fp8_grouped_gemm(const at::Tensor& a, const at::Tensor& a_scal
                                    const at::Tensor& b, const at::Tensor& b_scale,
                                    const at::Tensor& offs) {
   constexpr const char* op = "fp8_grouped_gemm";
-  check_dtype(op, "a", a, {at::kFloat8_e4m3fn}, "float8_e4m3fn");
-  check_dtype(op, "b", b, {at::kFloat8_e4m3fn}, "float8_e4m3fn");
-  check_dtype(op, "a_scale", a_scale, {at::kFloat}, "float32");
-  check_dtype(op, "b_scale", b_scale, {at::kFloat}, "float32");
-  check_dim(op, "a", a, 2);
-  check_dim(op, "b", b, 3);
-  check_same_device(op, "a_scale", a_scale, "a", a);
-  check_same_device(op, "b", b, "a", a);
-  check_same_device(op, "b_scale", b_scale, "a", a);
-  const int64_t k = a.size(1);
-  TORCH_CHECK_VALUE(b.size(2) == k, op, ": `b` must be [E, N, K] with the K of `a` (", k,
-                    "), got shape ", b.sizes());
-  TORCH_CHECK_VALUE(k % 128 == 0, op, ": K (the last dimension of `a` and `b`) must be a multiple "
-                    "of 128, got ", k);
-  check_shape(op, "a_scale", a_scale, {a.size(0), k / 128}, "[M, K/128]: one scale per 1x128 group");
+  const int64_t k = check_fp8_gemm_operands(op, a, a_scale, b, b_scale, 3, "[E, N, K]");
   check_shape(op, "b_scale", b_scale, {b.size(0), ceil_div(b.size(1), 128), k / 128},
               "[E, ceil(N/128), K/128]: one scale per 128x128 block of each expert");
   check_offs(op, offs, b.size(0), a, "a");
