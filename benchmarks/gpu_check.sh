@@ -6,7 +6,8 @@
 # The machine needs torch with CUDA, nvcc >= 12.3, cmake, ninja and scikit-build-core. The
 # CUTLASS headers come from the nvidia-cutlass wheel: if it is not installed, put its wheel
 # in .whl/ (see README, "GPU check") and this script installs it to /tmp/site.
-# Budget: about 3-4 minutes of build on 16 cores, 1 minute of tests, 3-4 minutes of benchmarks.
+# Budget: about 3-4 minutes of build on 16 cores, 1 minute of tests, 3-4 minutes of benchmarks
+# (under the 10 minutes one device command may run; first runs report up to 25 failures).
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-check-out}
 mkdir -p "$OUT"
@@ -31,7 +32,7 @@ if grep -q C7510 "$OUT/build.log"; then echo "WARNING: ptxas C7510 (wgmma serial
 python3 -c "import json, r1x; print(json.dumps(r1x.info()))"
 
 t1=$(date +%s)
-timeout 300 python3 -m pytest tests -q -x -p no:cacheprovider --junitxml="$OUT/tests.xml" 2>&1 | tail -30
+timeout 300 python3 -m pytest tests -q --maxfail=25 -p no:cacheprovider --junitxml="$OUT/tests.xml" 2>&1 | tail -30
 echo "tests: $(( $(date +%s) - t1 )) s"
 
 t2=$(date +%s)
