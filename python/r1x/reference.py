@@ -149,3 +149,60 @@ def fp8_grouped_gemm(a, a_scale, b, b_scale, offs, out_dtype=torch.bfloat16):
     for g, (s, e) in enumerate(_group_bounds(offs)):
         out[s:e] = fp8_gemm(a[s:e], a_scale[s:e], b[g], b_scale[g], out_dtype=torch.float64)
     return out.to(out_dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-head Latent Attention (DESIGN.md 3.4)
+# ---------------------------------------------------------------------------------------------
+def _attend(q, k, v, scale, allowed):
+    """One sequence: q [Sq, H, Dqk], k [L, H, Dqk], v [L, H, Dv], allowed [Sq, L] bool ->
+    (out [Sq, H, Dv], lse [H, Sq]); a query with no allowed key gives out = 0, lse = -inf."""
+    scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [H, Sq]
+    p = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num(0.0)  # rows with no key: exp(-inf + inf)
+    return torch.einsum("hqk,khd->qhd", p, v), lse
+
+
+def mla_attention(q, k, v, cu_seqlens, causal=True, softmax_scale=None):
+    """Packed variable-length attention, one sequence at a time: rows
+    ``cu_seqlens[b]:cu_seqlens[b+1]`` of q, k and v form sequence b; with ``causal`` query i
+    attends keys j <= i of its sequence. ``softmax_scale`` defaults to ``Dqk ** -0.5``. Computed
+    in q's dtype (pass float64 for an oracle)."""
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    out = q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
+    bounds = cu_seqlens.long().tolist()
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        n = e - s
+        allowed = torch.ones(n, n, dtype=torch.bool, device=q.device)
+        if causal:
+            allowed = allowed.tril()
+        out[s:e] = _attend(q[s:e], k[s:e], v[s:e], scale, allowed)[0]
+    return out
+
+
+def mla_decode(q, kv_cache, block_table, cache_seqlens, dv, softmax_scale=None, causal=True):
+    """Absorbed MLA decode over a paged latent cache (FlashMLA semantics), one sequence at a
+    time: token j of sequence b is ``kv_cache[block_table[b, j // block_size], j % block_size]``
+    (only the ``cache_seqlens[b]`` valid tokens are read); K is the whole D-wide row, V its first
+    ``dv`` columns, shared by all heads. The Sq queries are the last Sq positions of the
+    sequence: with ``causal`` query s attends tokens j <= L - Sq + s. ``softmax_scale`` defaults
+    to ``D ** -0.5``. Returns ``(out [B, Sq, H, dv], lse [B, H, Sq])`` (natural log); a sequence
+    or query with no visible token gives out = 0 and lse = -inf. Computed in q's dtype."""
+    b, sq, h, d = q.shape
+    bs = kv_cache.shape[1]
+    scale = d ** -0.5 if softmax_scale is None else softmax_scale
+    out = q.new_zeros(b, sq, h, dv)
+    lse = torch.full((b, h, sq), float("-inf"), dtype=q.dtype, device=q.device)
+    for i in range(b):
+        n = int(cache_seqlens[i])
+        if n == 0:
+            continue
+        j = torch.arange(n, device=q.device)
+        rows = kv_cache[block_table[i].long()[j // bs], j % bs].to(q.dtype)  # [n, D]
+        k = rows.unsqueeze(1).expand(n, h, d)
+        allowed = torch.ones(sq, n, dtype=torch.bool, device=q.device)
+        if causal:
+            allowed = j.unsqueeze(0) <= (n - sq + torch.arange(sq, device=q.device)).unsqueeze(1)
+        out[i], lse[i] = _attend(q[i], k, k[..., :dv], scale, allowed)
+    return out, lse
