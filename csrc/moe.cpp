@@ -2,6 +2,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <climits>
+
 #include "cpu_glue.h"
 #include "cpu/moe.h"
 #include "moe_checks.h"
@@ -37,6 +39,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_dispatch_cpu(const at::Tensor
                                                                 int64_t num_experts) {
   check_moe_dispatch(x, ids, num_experts);
   const int64_t t = x.size(0), k = ids.size(1), rows = t * k;
+  TORCH_CHECK_VALUE(rows <= INT_MAX, "moe_dispatch: T * top_k must fit in int32 (`perm` is int32), got ",
+                    rows);
   const at::Tensor ic = ids.contiguous();
   at::Tensor offs = at::empty({num_experts}, ids.options().dtype(at::kInt));
   at::Tensor perm = at::empty({rows}, ids.options().dtype(at::kInt));
