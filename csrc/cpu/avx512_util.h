@@ -157,24 +157,20 @@ struct E4m3Decoder {
     out[2] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(z, w1));
     out[3] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(z, w1));
   }
-  // decode64_f32_perm over n (multiple of 64) contiguous bytes, with prefetch.
-  inline void decode_row_f32_perm(const uint8_t* src, int64_t n, float* dst) const {
-    for (int64_t i = 0; i < n; i += 64) {
-      _mm_prefetch(reinterpret_cast<const char*>(src + i) + kPrefetchBytes, _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(src + i) + 4 * kPrefetchBytes, _MM_HINT_T1);
-      __m512 v[4];
-      decode64_f32_perm(src + i, v);
-      for (int g = 0; g < 4; ++g) _mm512_storeu_ps(dst + i + 16 * g, v[g]);
-    }
-  }
-  // n (multiple of 64) contiguous e4m3 bytes -> n fp32, prefetching the stream ahead (also
-  // past its end: rows of a matrix are contiguous).
+  // n (multiple of 64) contiguous e4m3 bytes -> n fp32 (in decode64_f32_perm's order within
+  // every 64 when kPerm), prefetching the stream ahead (also past its end: rows of a matrix are
+  // contiguous).
+  template <bool kPerm = false>
   inline void decode_row_f32(const uint8_t* src, int64_t n, float* dst) const {
     for (int64_t i = 0; i < n; i += 64) {
       _mm_prefetch(reinterpret_cast<const char*>(src + i) + kPrefetchBytes, _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(src + i) + 4 * kPrefetchBytes, _MM_HINT_T1);
       __m512 v[4];
-      decode64_f32(src + i, v);
+      if constexpr (kPerm) {
+        decode64_f32_perm(src + i, v);
+      } else {
+        decode64_f32(src + i, v);
+      }
       for (int g = 0; g < 4; ++g) _mm512_storeu_ps(dst + i + 16 * g, v[g]);
     }
   }

@@ -136,7 +136,7 @@ void tile_avx512(const GemmArgs& args, const GemmPlan& plan, const void* packed,
   } else {
     for (int64_t n = n0; n < n1; n += kNr) {
       const int64_t rows = n1 - n < kNr ? n1 - n : kNr;
-      dec.decode_row_f32_perm(args.b + n * k, rows * k, bbuf);  // the rows are contiguous
+      dec.decode_row_f32<true>(args.b + n * k, rows * k, bbuf);  // the rows are contiguous
       float* out = acc + (n - n0);
       switch (rows) {
         case 4: rows_of_b<4>(as, tm, k, bbuf, out, tn); break;

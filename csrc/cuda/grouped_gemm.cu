@@ -32,6 +32,23 @@ constexpr int kFp8Block = 128;
 
 
 
+// The CUTLASS path's problem description (FP8 scales, when any, set by the caller).
+sm90::GroupedGemmSm90Problem make_problem(const void* a, const void* b, const int32_t* offs,
+                                          void* out, int64_t m, int64_t n, int64_t k,
+                                          int64_t groups, int64_t ldo) {
+  sm90::GroupedGemmSm90Problem p;
+  p.a = a;
+  p.b = b;
+  p.out = out;
+  p.offs = offs;
+  p.ldo = ldo;
+  p.m = static_cast<int>(m);
+  p.n = static_cast<int>(n);
+  p.k = static_cast<int>(k);
+  p.groups = static_cast<int>(groups);
+  return p;
+}
+
 struct GroupBounds {
   int64_t start;
   int64_t end;
@@ -541,18 +558,9 @@ cudaError_t fp8_grouped_gemm(const uint8_t* a, const float* a_scale, const uint8
           : zero_tail_rows<float>(offs, static_cast<int>(groups), m, n, ldo, out, stream);
   if (err != cudaSuccess) return err;
 
-  sm90::GroupedGemmSm90Problem p;
-  p.a = a;
-  p.b = b;
-  p.out = out;
-  p.offs = offs;
+  sm90::GroupedGemmSm90Problem p = make_problem(a, b, offs, out, m, n, k, groups, ldo);
   p.sfa = sfa;
   p.sfb = sfb;
-  p.ldo = ldo;
-  p.m = static_cast<int>(m);
-  p.n = static_cast<int>(n);
-  p.k = static_cast<int>(k);
-  p.groups = static_cast<int>(groups);
   return out_dtype == DType::kBFloat16
              ? sm90::fp8_grouped_gemm_sm90_bf16(p, cutlass_ws, plan.cutlass_bytes, stream)
              : sm90::fp8_grouped_gemm_sm90_f32(p, cutlass_ws, plan.cutlass_bytes, stream);
@@ -568,22 +576,6 @@ bool grad_tma(DType dtype, int64_t n, int64_t k, const void* x, const void* y, c
               const void* workspace) {
   return dtype == DType::kBFloat16 && n % 8 == 0 && k % 8 == 0 && aligned_to(x, 16) &&
          aligned_to(y, 16) && aligned_to(out, 16) && aligned_to(workspace, kSectionAlign);
-}
-
-sm90::GroupedGemmSm90Problem grad_problem(const void* x, const void* y, const int32_t* offs,
-                                          void* out, int64_t m, int64_t n, int64_t k,
-                                          int64_t groups) {
-  sm90::GroupedGemmSm90Problem p;
-  p.a = x;
-  p.b = y;
-  p.out = out;
-  p.offs = offs;
-  p.ldo = k;
-  p.m = static_cast<int>(m);
-  p.n = static_cast<int>(n);
-  p.k = static_cast<int>(k);
-  p.groups = static_cast<int>(groups);
-  return p;
 }
 
 }  // namespace
@@ -613,7 +605,7 @@ cudaError_t grouped_gemm_grad_a(const void* grad, const void* b, const int32_t* 
     cudaError_t err = zero_tail_rows<__nv_bfloat16>(offs, static_cast<int>(groups), m, k, k, out,
                                                     stream);
     if (err != cudaSuccess) return err;
-    err = sm90::grouped_gemm_sm90_bf16_grad_a(grad_problem(grad, b, offs, out, m, n, k, groups),
+    err = sm90::grouped_gemm_sm90_bf16_grad_a(make_problem(grad, b, offs, out, m, n, k, groups, k),
                                               workspace, workspace_bytes, stream);
     // Anything CUTLASS declines (cudaErrorInvalidValue) still runs, on the CUDA cores.
     if (err != cudaErrorInvalidValue) return err;
@@ -645,7 +637,7 @@ cudaError_t grouped_gemm_grad_b(const void* grad, const void* a, const int32_t* 
         offs, static_cast<int>(groups), m, per_group, static_cast<__nv_bfloat16*>(out));
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
-    err = sm90::grouped_gemm_sm90_bf16_grad_b(grad_problem(grad, a, offs, out, m, n, k, groups),
+    err = sm90::grouped_gemm_sm90_bf16_grad_b(make_problem(grad, a, offs, out, m, n, k, groups, k),
                                               workspace, workspace_bytes, stream);
     if (err != cudaErrorInvalidValue) return err;
   }

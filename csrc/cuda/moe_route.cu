@@ -376,6 +376,16 @@ __global__ void inverse_perm_kernel(const int32_t* __restrict__ perm, int64_t ro
   }
 }
 
+// inv[perm[r]] = r, and -1 where perm does not reach (a slot that then contributes nothing).
+cudaError_t build_inverse_perm(const int32_t* perm, int64_t rows, int32_t* inv,
+                               cudaStream_t stream) {
+  cudaError_t err = cudaMemsetAsync(inv, 0xff, static_cast<size_t>(rows) * sizeof(int32_t), stream);
+  if (err != cudaSuccess) return err;
+  constexpr int kThreads = 256;
+  inverse_perm_kernel<<<grid_for(rows, kThreads), kThreads, 0, stream>>>(perm, rows, inv);
+  return cudaGetLastError();
+}
+
 template <typename T, int V>
 struct alignas(sizeof(T) * V) VecT {
   T v[V];
@@ -629,13 +639,7 @@ cudaError_t moe_combine(const void* y_sorted, DType y_dtype, const void* weights
       return cudaErrorInvalidValue;
     }
     inv = static_cast<int32_t*>(workspace);
-    // -1 everywhere first: a slot that perm does not reach contributes nothing.
-    cudaError_t err =
-        cudaMemsetAsync(inv, 0xff, static_cast<size_t>(rows) * sizeof(int32_t), stream);
-    if (err != cudaSuccess) return err;
-    constexpr int kThreads = 256;
-    inverse_perm_kernel<<<grid_for(rows, kThreads), kThreads, 0, stream>>>(perm, rows, inv);
-    err = cudaGetLastError();
+    const cudaError_t err = build_inverse_perm(perm, rows, inv, stream);
     if (err != cudaSuccess) return err;
   }
   switch (y_dtype) {
@@ -667,15 +671,11 @@ cudaError_t moe_combine_backward(const void* grad_out, const void* y_sorted, DTy
     return cudaErrorInvalidValue;
   }
   int32_t* inv = static_cast<int32_t*>(workspace);
-  cudaError_t err = cudaMemsetAsync(inv, 0xff, static_cast<size_t>(rows) * sizeof(int32_t), stream);
-  if (err != cudaSuccess) return err;
   const size_t esize = y_dtype == DType::kFloat32 ? 4 : 2;
   // rows of grad_y that perm does not reach (perm not a permutation) stay zero
-  err = cudaMemsetAsync(grad_y, 0, static_cast<size_t>(rows * cols) * esize, stream);
+  cudaError_t err = cudaMemsetAsync(grad_y, 0, static_cast<size_t>(rows * cols) * esize, stream);
   if (err != cudaSuccess) return err;
-  constexpr int kThreads = 256;
-  inverse_perm_kernel<<<grid_for(rows, kThreads), kThreads, 0, stream>>>(perm, rows, inv);
-  err = cudaGetLastError();
+  err = build_inverse_perm(perm, rows, inv, stream);
   if (err != cudaSuccess) return err;
   switch (y_dtype) {
     case DType::kFloat32:
