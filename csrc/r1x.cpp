@@ -1,10 +1,26 @@
 // r1x._C: every op schema (once), and a tiny Python module with CPU-dispatch controls.
 #include <Python.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <stdexcept>
 
 #include "cpu/isa.h"
+
+namespace {
+
+at::Tensor mla_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                         const at::Tensor& cu_seqlens, bool causal,
+                         std::optional<double> softmax_scale) {
+  static const auto forward = c10::Dispatcher::singleton()
+                                  .findSchemaOrThrow("r1x::mla_attention_forward", "")
+                                  .typed<std::tuple<at::Tensor, at::Tensor>(
+                                      const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                      const at::Tensor&, bool, std::optional<double>)>();
+  return std::get<0>(forward.call(q, k, v, cu_seqlens, causal, softmax_scale));
+}
+
+}  // namespace
 
 TORCH_LIBRARY(r1x, m) {
   // FP8 (e4m3) quantization, DESIGN.md 3.1
@@ -29,6 +45,24 @@ TORCH_LIBRARY(r1x, m) {
   // grad_b[e] = grad[rows of e].T @ a[rows of e] (E x N x K)
   m.def("grouped_gemm_grad_a(Tensor grad, Tensor b, Tensor offs) -> Tensor");
   m.def("grouped_gemm_grad_b(Tensor grad, Tensor a, Tensor offs, int num_groups) -> Tensor");
+  // Multi-head Latent Attention, DESIGN.md 3.4. mla_attention is mla_attention_forward's output
+  // (a composite: autograd and torch.compile see mla_attention_forward, whose log-sum-exp [H, T]
+  // fp32 the backward needs).
+  m.def(
+      "mla_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, bool causal=True, "
+      "float? softmax_scale=None) -> Tensor");
+  m.impl("mla_attention", c10::DispatchKey::CompositeImplicitAutograd, TORCH_FN(mla_attention));
+  m.def(
+      "mla_attention_forward(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, bool causal=True, "
+      "float? softmax_scale=None) -> (Tensor, Tensor)");
+  // (grad_q, grad_k, grad_v); grad_lse, when given, is the gradient of the forward's lse
+  m.def(
+      "mla_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor? grad_lse, Tensor cu_seqlens, bool causal=True, float? softmax_scale=None) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "mla_decode(Tensor q, Tensor kv_cache, Tensor block_table, Tensor cache_seqlens, int dv, "
+      "float? softmax_scale=None, bool causal=True) -> (Tensor, Tensor)");
 }
 
 namespace {

@@ -1,7 +1,8 @@
 """r1x: compiled kernels for DeepSeek-V3/R1-style models.
 
 FP8 (e4m3) block-scaled quantization and GEMM, and the Mixture-of-Experts ops (routing,
-dispatch/combine, grouped GEMMs); MLA next. Every op is
+dispatch/combine, grouped GEMMs), and Multi-head Latent Attention (fused variable-length
+attention with its backward, absorbed decode over a paged latent cache). Every op is
 ``r1x.<name>(...)`` and ``torch.ops.r1x.<name>``, on CPU tensors (C++ kernels with runtime ISA
 dispatch) and CUDA tensors (sm_90a kernels, CUTLASS), and works under ``torch.compile``.
 """
@@ -12,6 +13,7 @@ from r1x import _C  # noqa: F401  (registers the torch.ops.r1x schemas and kerne
 from r1x import reference
 from r1x.ops.fp8 import dequant_fp8, fp8_gemm, quant_fp8_per_block, quant_fp8_per_token_group
 from r1x.ops.moe import fp8_grouped_gemm, grouped_gemm, moe_combine, moe_dispatch, moe_topk_route
+from r1x.ops.mla import mla_attention, mla_attention_forward, mla_decode
 from r1x.utils import cpu_isa, info, use_cpu_isa
 from r1x import nn  # noqa: E402
 
@@ -27,6 +29,9 @@ __all__ = [
     "moe_combine",
     "grouped_gemm",
     "fp8_grouped_gemm",
+    "mla_attention",
+    "mla_attention_forward",
+    "mla_decode",
     "cpu_isa",
     "use_cpu_isa",
     "info",

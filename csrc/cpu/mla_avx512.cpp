@@ -1,0 +1,87 @@
+// MLA kernels (mla.h), AVX-512: the tile product as an MR x (16 * NV) register block of fp32
+// FMAs, A broadcast one element at a time (any strides), B loaded as rows (masked at the
+// right edge). MR is chosen so that every block keeps at least 12 independent accumulators
+// (two FMA ports x four cycles of latency need 8 in flight).
+#include <immintrin.h>
+
+#include <array>
+#include <utility>
+
+#include "cpu/mla_impl.h"
+
+namespace r1x::cpu {
+namespace {
+
+template <int MR, int NV>
+void micro(int64_t k, const float* a, int64_t ars, int64_t acs, const float* b, int64_t ldb,
+           float* c, int64_t ldc, bool accumulate, __mmask16 last) {
+  __m512 acc[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) {
+      const __mmask16 mk = v == NV - 1 ? last : static_cast<__mmask16>(0xffff);
+      acc[i][v] = accumulate ? _mm512_maskz_loadu_ps(mk, c + i * ldc + 16 * v) : _mm512_setzero_ps();
+    }
+  for (int64_t p = 0; p < k; ++p) {
+    __m512 bv[NV];
+    const float* brow = b + p * ldb;
+    for (int v = 0; v < NV; ++v)
+      bv[v] = v == NV - 1 ? _mm512_maskz_loadu_ps(last, brow + 16 * v) : _mm512_loadu_ps(brow + 16 * v);
+    const float* ap = a + p * acs;
+    for (int i = 0; i < MR; ++i) {
+      const __m512 av = _mm512_set1_ps(ap[i * ars]);
+      for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(av, bv[v], acc[i][v]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) {
+      if (v == NV - 1) {
+        _mm512_mask_storeu_ps(c + i * ldc + 16 * v, last, acc[i][v]);
+      } else {
+        _mm512_storeu_ps(c + i * ldc + 16 * v, acc[i][v]);
+      }
+    }
+}
+
+using MicroFn = void (*)(int64_t, const float*, int64_t, int64_t, const float*, int64_t, float*,
+                         int64_t, bool, __mmask16);
+
+template <int NV, int... MR>
+constexpr std::array<MicroFn, sizeof...(MR)> micro_row(std::integer_sequence<int, MR...>) {
+  return {micro<MR + 1, NV>...};
+}
+
+constexpr int kMaxMr = 8;
+// kMicro[nv - 1][mr - 1]
+const std::array<MicroFn, kMaxMr> kMicro[4] = {
+    micro_row<1>(std::make_integer_sequence<int, kMaxMr>{}),
+    micro_row<2>(std::make_integer_sequence<int, kMaxMr>{}),
+    micro_row<3>(std::make_integer_sequence<int, kMaxMr>{}),
+    micro_row<4>(std::make_integer_sequence<int, kMaxMr>{})};
+
+struct GemmAvx512 {
+  static void run(int64_t m, int64_t n, int64_t k, const float* a, int64_t ars, int64_t acs,
+                  const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+    for (int64_t j0 = 0; j0 < n; j0 += 64) {
+      const int64_t nn = std::min<int64_t>(64, n - j0);
+      const int nv = static_cast<int>((nn + 15) / 16);
+      const int rem = static_cast<int>(nn % 16);
+      const __mmask16 last = rem == 0 ? static_cast<__mmask16>(0xffff)
+                                      : static_cast<__mmask16>((1u << rem) - 1);
+      const int mr = nv == 1 ? 8 : nv == 2 ? 6 : 4;
+      for (int64_t i = 0; i < m; i += mr) {
+        const int rows = static_cast<int>(std::min<int64_t>(mr, m - i));
+        kMicro[nv - 1][rows - 1](k, a + i * ars, ars, acs, b + j0, ldb, c + i * ldc + j0, ldc,
+                                 accumulate, last);
+      }
+    }
+  }
+};
+
+}  // namespace
+
+const MlaKernels& mla_kernels_avx512() {
+  static const MlaKernels k = Mla<GemmAvx512>::table(Isa::kAvx512);
+  return k;
+}
+
+}  // namespace r1x::cpu
