@@ -15,8 +15,11 @@ namespace {
 template <int MR, int NV>
 void micro(int64_t k, const float* a, int64_t ars, int64_t acs, const float* b, int64_t ldb,
            float* c, int64_t ldc, bool accumulate, __mmask16 last) {
+  // (fully unrolled so that GCC keeps the accumulators in registers)
   __m512 acc[MR][NV];
+#pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
       const __mmask16 mk = v == NV - 1 ? last : static_cast<__mmask16>(0xffff);
       acc[i][v] = accumulate ? _mm512_maskz_loadu_ps(mk, c + i * ldc + 16 * v) : _mm512_setzero_ps();
@@ -24,15 +27,20 @@ void micro(int64_t k, const float* a, int64_t ars, int64_t acs, const float* b, 
   for (int64_t p = 0; p < k; ++p) {
     __m512 bv[NV];
     const float* brow = b + p * ldb;
+#pragma GCC unroll 4
     for (int v = 0; v < NV; ++v)
       bv[v] = v == NV - 1 ? _mm512_maskz_loadu_ps(last, brow + 16 * v) : _mm512_loadu_ps(brow + 16 * v);
     const float* ap = a + p * acs;
+#pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
       const __m512 av = _mm512_set1_ps(ap[i * ars]);
+#pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(av, bv[v], acc[i][v]);
     }
   }
+#pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
       if (v == NV - 1) {
         _mm512_mask_storeu_ps(c + i * ldc + 16 * v, last, acc[i][v]);

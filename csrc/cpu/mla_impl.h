@@ -20,13 +20,14 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 inline int64_t align16(int64_t n) { return (n + 15) / 16 * 16; }
 
-// 2^y for y <= 0 (what softmax needs) to ~2 ulp, branch-free so loops over it vectorise:
-// 2^y = 2^i * 2^f with i = round(y), f in [-0.5, 0.5], 2^f by a degree-6 Taylor polynomial of
-// e^(f ln 2). y < -126 (and -inf) gives exactly 0; NaN stays NaN.
+// 2^y for y <= 0 (what softmax needs; small positive y is fine too) to ~2 ulp, branch-free so
+// the loops over it vectorise: 2^y = 2^i * 2^f with i = round(y), f in [-0.5, 0.5], 2^f by a
+// degree-6 Taylor polynomial of e^(f ln 2). y is clamped to -127, whose biased exponent 0
+// makes the result exactly 0 (so -inf gives 0); NaN stays NaN.
 inline float exp2_neg(float y) {
-  const float yc = y < -126.0f ? -126.0f : y;
-  const int32_t i = static_cast<int32_t>(yc + 127.5f) - 127;  // yc + 127.5 >= 1.5: trunc = floor
-  const float x = (yc - static_cast<float>(i)) * kLn2;
+  const float yc = std::max(y, -127.0f);
+  const int32_t e = static_cast<int32_t>(yc + 127.5f);  // i + 127, in [0, 254]; trunc = floor
+  const float x = (yc - static_cast<float>(e - 127)) * kLn2;
   float p = 1.0f / 720.0f;
   p = p * x + 1.0f / 120.0f;
   p = p * x + 1.0f / 24.0f;
@@ -34,8 +35,7 @@ inline float exp2_neg(float y) {
   p = p * x + 0.5f;
   p = p * x + 1.0f;
   p = p * x + 1.0f;
-  const float r = p * bits_f32(static_cast<uint32_t>(i + 127) << 23);
-  return y < -126.0f ? 0.0f : (y == y ? r : y);
+  return p * bits_f32(static_cast<uint32_t>(e) << 23);
 }
 
 // rows x cols of `dtype` (row stride `rs` elements) -> fp32 rows of `ld`.
@@ -138,7 +138,6 @@ struct Mla {
                        void* scratch) {
     const int64_t start = a.cu[seq], len = a.cu[seq + 1] - start, bq = q1 - q0;
     const int64_t h = a.h, dqk = a.dqk, dv = a.dv;
-    const bool f32 = a.dtype == DType::kF32;
     Carve cv{static_cast<char*>(scratch)};
     float* qt = cv.take(dqk * BQ);
     float* o = cv.take(BQ * dv);
@@ -159,20 +158,16 @@ struct Mla {
     const int64_t kend = a.causal ? q1 : len;
     for (int64_t k0 = 0; k0 < kend; k0 += BK) {
       const int64_t bk = std::min(BK, kend - k0);
-      const void* kp = offset(a.k, ((start + k0) * h + head) * dqk, a.dtype);
-      const void* vp = offset(a.v, ((start + k0) * h + head) * dv, a.dtype);
-      const float* ka = f32 ? static_cast<const float*>(kp) : kf;
-      const float* va = f32 ? static_cast<const float*>(vp) : vf;
-      const int64_t kld = f32 ? h * dqk : dqk, vld = f32 ? h * dv : dv;
-      if (!f32) {
-        load_rows(kp, a.dtype, h * dqk, bk, dqk, kf, dqk);
-        load_rows(vp, a.dtype, h * dv, bk, dv, vf, dv);
-      }
-      Gemm::run(bk, bq, dqk, ka, kld, 1, qt, BQ, s, BQ, false);
+      // (widened even from fp32: contiguous rows beat rows H heads apart)
+      load_rows(offset(a.k, ((start + k0) * h + head) * dqk, a.dtype), a.dtype, h * dqk, bk, dqk,
+                kf, dqk);
+      load_rows(offset(a.v, ((start + k0) * h + head) * dv, a.dtype), a.dtype, h * dv, bk, dv, vf,
+                dv);
+      Gemm::run(bk, bq, dqk, kf, dqk, 1, qt, BQ, s, BQ, false);
       if (a.causal && k0 + bk - 1 > q0) {
         for (int64_t t = 0; t < bk; ++t)
           for (int64_t q = 0; q < bq; ++q)
-            if (k0 + t > q0 + q) s[t * BQ + q] = kNegInf;
+            s[t * BQ + q] = k0 + t > q0 + q ? kNegInf : s[t * BQ + q];
       }
       softmax_step(s, BQ, bk, bq, c, m, l, alpha, mx);
       for (int64_t q = 0; q < bq; ++q) {
@@ -180,7 +175,7 @@ struct Mla {
         float* row = o + q * dv;
         for (int64_t j = 0; j < dv; ++j) row[j] *= alpha[q];
       }
-      Gemm::run(bq, dv, bk, s, 1, BQ, va, vld, o, dv, true);
+      Gemm::run(bq, dv, bk, s, 1, BQ, vf, dv, o, dv, true);
     }
     for (int64_t q = 0; q < bq; ++q) {
       const int64_t row = start + q0 + q;
@@ -232,10 +227,9 @@ struct Mla {
     }
     for (int64_t r = 0; r < len; ++r) {
       const int64_t row = start + r;
-      const void* op = offset(a.out, (row * h + head) * dv, a.dtype);
+      load_rows(offset(a.out, (row * h + head) * dv, a.dtype), a.dtype, dv, 1, dv, dvacc, dv);
       float acc = 0.0f;
-      for (int64_t j = 0; j < dv; ++j)
-        acc += dof[r * dv + j] * load_as_f32(op, static_cast<int>(a.dtype), j);
+      for (int64_t j = 0; j < dv; ++j) acc += dof[r * dv + j] * dvacc[j];
       const float lse = a.lse[head * a.t + row];
       delta[r] = acc - (a.grad_lse != nullptr ? a.grad_lse[head * a.t + row] : 0.0f);
       // a row that saw no key (lse = -inf) has P = 0: +inf here makes every 2^(s - lse2) 0
@@ -260,8 +254,7 @@ struct Mla {
           float* row = pt + t * BQ;
           for (int64_t q = 0; q < bq; ++q) row[q] = exp2_neg(row[q] * c - lse2[q0 + q]);
           if (mask)
-            for (int64_t q = 0; q < bq; ++q)
-              if (k0 + t > q0 + q) row[q] = 0.0f;
+            for (int64_t q = 0; q < bq; ++q) row[q] = k0 + t > q0 + q ? 0.0f : row[q];
         }
         Gemm::run(bk, dv, bq, pt, BQ, 1, dof + q0 * dv, dv, dvacc, dv, true);
         Gemm::run(bk, bq, dv, vf, dv, 1, dot + q0, lp, dpt, BQ, false);
@@ -331,7 +324,7 @@ struct Mla {
       if (a.causal && k0 + bk - 1 > first_limit) {
         for (int64_t t = 0; t < bk; ++t)
           for (int64_t r = 0; r < rows; ++r)
-            if (k0 + t > first_limit + r / a.h) s[t * ld + r] = kNegInf;
+            s[t * ld + r] = k0 + t > first_limit + r / a.h ? kNegInf : s[t * ld + r];
       }
       softmax_step(s, ld, bk, rows, c, m, l, alpha, mx);
       for (int64_t r = 0; r < rows; ++r) {

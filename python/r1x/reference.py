@@ -164,21 +164,23 @@ def _attend(q, k, v, scale, allowed):
     return torch.einsum("hqk,khd->qhd", p, v), lse
 
 
-def mla_attention(q, k, v, cu_seqlens, causal=True, softmax_scale=None):
+def mla_attention(q, k, v, cu_seqlens, causal=True, softmax_scale=None, return_lse=False):
     """Packed variable-length attention, one sequence at a time: rows
     ``cu_seqlens[b]:cu_seqlens[b+1]`` of q, k and v form sequence b; with ``causal`` query i
     attends keys j <= i of its sequence. ``softmax_scale`` defaults to ``Dqk ** -0.5``. Computed
-    in q's dtype (pass float64 for an oracle)."""
+    in q's dtype (pass float64 for an oracle). With ``return_lse``, also the log-sum-exp
+    ``[H, T]`` (natural log), as :func:`r1x.mla_attention_forward` returns it."""
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     out = q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
+    lse = q.new_full((q.shape[1], q.shape[0]), float("-inf"))
     bounds = cu_seqlens.long().tolist()
     for s, e in zip(bounds[:-1], bounds[1:]):
         n = e - s
         allowed = torch.ones(n, n, dtype=torch.bool, device=q.device)
         if causal:
             allowed = allowed.tril()
-        out[s:e] = _attend(q[s:e], k[s:e], v[s:e], scale, allowed)[0]
-    return out
+        out[s:e], lse[:, s:e] = _attend(q[s:e], k[s:e], v[s:e], scale, allowed)
+    return (out, lse) if return_lse else out
 
 
 def mla_decode(q, kv_cache, block_table, cache_seqlens, dv, softmax_scale=None, causal=True):
