@@ -1,6 +1,8 @@
 // r1x._C: every op schema (once), and a tiny Python module with CPU-dispatch controls.
 #include <Python.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/grad_mode.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
 #include <stdexcept>
@@ -18,6 +20,27 @@ at::Tensor mla_attention(const at::Tensor& q, const at::Tensor& k, const at::Ten
                                       const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                       const at::Tensor&, bool, std::optional<double>)>();
   return std::get<0>(forward.call(q, k, v, cu_seqlens, causal, softmax_scale));
+}
+
+// mla_decode has no backward. Rather than torch's fallback for ops without an autograd kernel
+// (a warning, then gradients that silently stop here), refuse to record it.
+std::tuple<at::Tensor, at::Tensor> mla_decode_autograd(const at::Tensor& q,
+                                                       const at::Tensor& kv_cache,
+                                                       const at::Tensor& block_table,
+                                                       const at::Tensor& cache_seqlens, int64_t dv,
+                                                       std::optional<double> softmax_scale,
+                                                       bool causal) {
+  TORCH_CHECK(!(at::GradMode::is_enabled() && (q.requires_grad() || kv_cache.requires_grad())),
+              "mla_decode: has no backward (an inference kernel), but `q` or `kv_cache` requires "
+              "grad: call it under torch.no_grad() or torch.inference_mode(), and train with "
+              "mla_attention");
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("r1x::mla_decode", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor>(
+                                 const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                 const at::Tensor&, int64_t, std::optional<double>, bool)>();
+  const at::AutoDispatchBelowADInplaceOrView guard;
+  return op.call(q, kv_cache, block_table, cache_seqlens, dv, softmax_scale, causal);
 }
 
 }  // namespace
@@ -64,6 +87,8 @@ TORCH_LIBRARY(r1x, m) {
       "mla_decode(Tensor q, Tensor kv_cache, Tensor block_table, Tensor cache_seqlens, int dv, "
       "float? softmax_scale=None, bool causal=True) -> (Tensor, Tensor)");
 }
+
+TORCH_LIBRARY_IMPL(r1x, Autograd, m) { m.impl("mla_decode", TORCH_FN(mla_decode_autograd)); }
 
 namespace {
 

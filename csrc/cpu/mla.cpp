@@ -17,7 +17,10 @@ namespace r1x::cpu {
 namespace {
 
 const MlaKernels& kernels() {
-  return active_isa() >= Isa::kAvx512 ? mla_kernels_avx512() : mla_kernels_generic();
+  const Isa isa = active_isa();
+  return isa >= Isa::kAmx      ? mla_kernels_amx()
+         : isa >= Isa::kAvx512 ? mla_kernels_avx512()
+                               : mla_kernels_generic();
 }
 
 // Runs fn(task, scratch) for task in [0, n) on every worker: tasks are claimed in order from

@@ -97,6 +97,7 @@ struct MlaKernels {
 
 const MlaKernels& mla_kernels_generic();
 const MlaKernels& mla_kernels_avx512();
+const MlaKernels& mla_kernels_amx();  // the AVX-512 kernels, decode on AMX tiles for bf16
 
 // Tile sizes shared by the driver and the kernels.
 constexpr int64_t kMlaBlockQ = 64;

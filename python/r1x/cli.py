@@ -1,7 +1,7 @@
 """The ``r1x`` command.
 
     r1x info                 what r1x was built with and what this machine offers
-    r1x bench [--op fp8_gemm|moe|all] [--shapes MxNxK,...] [--tokens T,...] [--out DIR]
+    r1x bench [--op fp8_gemm|moe|mla|all] [--shapes MxNxK,...] [--tokens T,...] [--out DIR]
                              microbenchmarks against baselines (table, JSON, PNG)
 """
 
@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-BENCHMARKS = ("fp8_gemm", "moe")
+BENCHMARKS = ("fp8_gemm", "moe", "mla")
 
 
 def _cmd_info(args) -> int:
@@ -24,7 +24,7 @@ def _cmd_info(args) -> int:
 def _cmd_bench(args) -> int:
     import torch
 
-    from r1x.bench import fp8_gemm, moe
+    from r1x.bench import fp8_gemm, mla, moe
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     ops = BENCHMARKS if args.op == "all" else (args.op,)
@@ -36,6 +36,8 @@ def _cmd_bench(args) -> int:
         elif op == "moe":
             tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else None
             res = moe.run(device, args.full, args.out, args.budget, tokens=tokens)
+        elif op == "mla":
+            res = mla.run(device, args.full, args.out, args.budget)
         for kind, path in res.get("paths", {}).items():
             print(f"wrote {path}")
     return 0
