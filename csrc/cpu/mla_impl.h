@@ -280,11 +280,13 @@ struct Mla {
   // ---- decode -----------------------------------------------------------------------------
   // Rows r = s * H + head of the Sq * H queries form the columns of S^T = K Q^T, so every
   // cached token is widened once per task and multiplied against all heads at once.
+  // (keys per tile: small enough that a tile of fp32 latent rows stays in L1 for both products)
+  static constexpr int64_t DK = 32;
   static int64_t decode_ld(const DecodeArgs& a) { return align16(a.sq * a.h); }
 
   static size_t decode_scratch(const DecodeArgs& a) {
     const int64_t r = decode_ld(a);
-    const int64_t f = a.d * r + BK * r + BK * a.d + 2 * r;
+    const int64_t f = a.d * r + DK * r + DK * a.d + 2 * r;
     return static_cast<size_t>(f) * 4 + 64 * 6;
   }
 
@@ -294,8 +296,8 @@ struct Mla {
     const int64_t len = a.seqlens[b];
     Carve cv{static_cast<char*>(scratch)};
     float* qt = cv.take(d * ld);
-    float* s = cv.take(BK * ld);
-    float* kf = cv.take(BK * d);
+    float* s = cv.take(DK * ld);
+    float* kf = cv.take(DK * d);
     float* alpha = cv.take(ld);
     float* mx = cv.take(ld);
     load_rows_t(offset(a.q, b * rows * d, a.dtype), a.dtype, d, rows, d, qt, ld);
@@ -310,17 +312,26 @@ struct Mla {
     // query s sees tokens j <= len - sq + s (causal)
     const int64_t first_limit = len - a.sq;
     const int64_t tend = std::min(t1, len);
-    for (int64_t k0 = t0; k0 < tend; k0 += BK) {
-      const int64_t bk = std::min(BK, tend - k0);
-      for (int64_t t = 0; t < bk; ) {
-        // a run of tokens inside one cache block is one strided copy
-        const int64_t j = k0 + t, blk = table[j / a.block_size], in = j % a.block_size;
-        const int64_t run = std::min(bk - t, a.block_size - in);
-        load_rows(offset(a.cache, (blk * a.block_size + in) * d, a.dtype), a.dtype, d, run, d,
-                  kf + t * d, d);
-        t += run;
+    for (int64_t k0 = t0; k0 < tend;) {
+      int64_t bk = std::min(DK, tend - k0);
+      const float* kt = kf;
+      const int64_t in0 = k0 % a.block_size;
+      if (a.dtype == DType::kF32 && a.block_size >= DK) {
+        // fp32 rows are used where they are: the tile stops at the end of its cache block
+        bk = std::min(bk, a.block_size - in0);
+        kt = static_cast<const float*>(a.cache) +
+             (static_cast<int64_t>(table[k0 / a.block_size]) * a.block_size + in0) * d;
+      } else {
+        for (int64_t t = 0; t < bk;) {
+          // a run of tokens inside one cache block is one strided copy
+          const int64_t j = k0 + t, blk = table[j / a.block_size], in = j % a.block_size;
+          const int64_t run = std::min(bk - t, a.block_size - in);
+          load_rows(offset(a.cache, (blk * a.block_size + in) * d, a.dtype), a.dtype, d, run, d,
+                    kf + t * d, d);
+          t += run;
+        }
       }
-      Gemm::run(bk, rows, d, kf, d, 1, qt, ld, s, ld, false);
+      Gemm::run(bk, rows, d, kt, d, 1, qt, ld, s, ld, false);
       if (a.causal && k0 + bk - 1 > first_limit) {
         for (int64_t t = 0; t < bk; ++t)
           for (int64_t r = 0; r < rows; ++r)
@@ -332,7 +343,8 @@ struct Mla {
         float* row = o + r * dv;
         for (int64_t j = 0; j < dv; ++j) row[j] *= alpha[r];
       }
-      Gemm::run(rows, dv, bk, s, 1, ld, kf, d, o, dv, true);
+      Gemm::run(rows, dv, bk, s, 1, ld, kt, d, o, dv, true);
+      k0 += bk;
     }
   }
 
