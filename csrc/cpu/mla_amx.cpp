@@ -187,20 +187,15 @@ void amx_decode_task(const DecodeArgs& a, int64_t b, int64_t t0, int64_t t1, Dec
   if (a.dtype != DType::kBF16) return mla_kernels_avx512().decode_task(a, b, t0, t1, part, scratch);
   const Dims z = dims_of(a);
   const int64_t d = a.d, dv = a.dv, rows = z.rows, rp = z.rpad, dp = z.dp, dvp = z.dvp;
-  char* p = static_cast<char*>(scratch);
-  auto take = [&p](int64_t bytes) {
-    char* r = p;
-    p += (bytes + 63) / 64 * 64;
-    return r;
-  };
-  uint32_t* qv = reinterpret_cast<uint32_t*>(take(dp * rp * 2));   // [dp / 2][rp] pairs
-  uint16_t* kb = reinterpret_cast<uint16_t*>(take(kTile * dp * 2)); // [64][dp]
-  uint32_t* vv = reinterpret_cast<uint32_t*>(take(kTile * dvp * 2)); // [32][dvp] pairs
-  uint16_t* pb = reinterpret_cast<uint16_t*>(take(rp * kTile * 2));  // [rp][64]
-  float* s = reinterpret_cast<float*>(take(kTile * rp * 4));         // [64][rp]
-  float* o = reinterpret_cast<float*>(take(rp * dvp * 4));           // [rp][dvp]
-  float* alpha = reinterpret_cast<float*>(take(rp * 4));
-  float* mx = reinterpret_cast<float*>(take(rp * 4));
+  Carve cv{static_cast<char*>(scratch)};
+  uint32_t* qv = cv.take<uint32_t>(dp * rp / 2);   // [dp / 2][rp] pairs
+  uint16_t* kb = cv.take<uint16_t>(kTile * dp); // [64][dp]
+  uint32_t* vv = cv.take<uint32_t>(kTile * dvp / 2); // [32][dvp] pairs
+  uint16_t* pb = cv.take<uint16_t>(rp * kTile);  // [rp][64]
+  float* s = cv.take<float>(kTile * rp);         // [64][rp]
+  float* o = cv.take<float>(rp * dvp);           // [rp][dvp]
+  float* alpha = cv.take<float>(rp);
+  float* mx = cv.take<float>(rp);
 
   q_pairs(static_cast<const uint16_t*>(a.q) + b * rows * d, d, rows, d, dp, rp, qv);
   std::fill(o, o + rp * dvp, 0.0f);
@@ -224,17 +219,9 @@ void amx_decode_task(const DecodeArgs& a, int64_t b, int64_t t0, int64_t t1, Dec
               d, dp, kb + t * dp);
     }
     tiles_st(kb, dp, qv, rp, rp, s, rp);
-    if (a.causal && k0 + bk - 1 > first_limit) {
-      for (int64_t t = 0; t < bk; ++t)
-        for (int64_t r = 0; r < rows; ++r)
-          s[t * rp + r] = k0 + t > first_limit + r / a.h ? kNegInf : s[t * rp + r];
-    }
+    if (a.causal && k0 + bk - 1 > first_limit) mask_tile(s, rp, bk, rows, k0, first_limit, a.h);
     softmax_step(s, rp, bk, rows, c, m, l, alpha, mx);
-    for (int64_t r = 0; r < rows; ++r) {
-      if (alpha[r] == 1.0f) continue;
-      float* row = o + r * dvp;
-      for (int64_t j = 0; j < dv; ++j) row[j] *= alpha[r];
-    }
+    rescale_rows(o, dvp, rows, dv, alpha);
     p_rows(s, rp, bk, rows, rp, pb);
     v_pairs(kb, dp, bk, dv, dvp, vv);
     tiles_pv(pb, rp, vv, dvp, o);
@@ -262,22 +249,17 @@ void amx_fwd_task(const AttnFwdArgs& a, int64_t seq, int64_t head, int64_t q0, i
   constexpr int64_t BQ = kMlaBlockQ;
   const int64_t start = a.cu[seq], len = a.cu[seq + 1] - start, bq = q1 - q0;
   const int64_t h = a.h, dqk = a.dqk, dv = a.dv, dp = align32(dqk), dvp = align16(dv);
-  char* p = static_cast<char*>(scratch);
-  auto take = [&p](int64_t bytes) {
-    char* r = p;
-    p += (bytes + 63) / 64 * 64;
-    return r;
-  };
-  uint32_t* qv = reinterpret_cast<uint32_t*>(take(dp * BQ * 2));
-  uint16_t* kb = reinterpret_cast<uint16_t*>(take(kTile * dp * 2));
-  uint32_t* vv = reinterpret_cast<uint32_t*>(take(kTile * dvp * 2));
-  uint16_t* pb = reinterpret_cast<uint16_t*>(take(BQ * kTile * 2));
-  float* s = reinterpret_cast<float*>(take(kTile * BQ * 4));
-  float* o = reinterpret_cast<float*>(take(BQ * dvp * 4));
-  float* m = reinterpret_cast<float*>(take(BQ * 4));
-  float* l = reinterpret_cast<float*>(take(BQ * 4));
-  float* alpha = reinterpret_cast<float*>(take(BQ * 4));
-  float* mx = reinterpret_cast<float*>(take(BQ * 4));
+  Carve cv{static_cast<char*>(scratch)};
+  uint32_t* qv = cv.take<uint32_t>(dp * BQ / 2);
+  uint16_t* kb = cv.take<uint16_t>(kTile * dp);
+  uint32_t* vv = cv.take<uint32_t>(kTile * dvp / 2);
+  uint16_t* pb = cv.take<uint16_t>(BQ * kTile);
+  float* s = cv.take<float>(kTile * BQ);
+  float* o = cv.take<float>(BQ * dvp);
+  float* m = cv.take<float>(BQ);
+  float* l = cv.take<float>(BQ);
+  float* alpha = cv.take<float>(BQ);
+  float* mx = cv.take<float>(BQ);
 
   const uint16_t* q = static_cast<const uint16_t*>(a.q);
   const uint16_t* k = static_cast<const uint16_t*>(a.k);
@@ -294,30 +276,15 @@ void amx_fwd_task(const AttnFwdArgs& a, int64_t seq, int64_t head, int64_t q0, i
     for (int64_t t = 0; t < kTile; ++t)
       key_row(t < bk ? k + ((start + k0 + t) * h + head) * dqk : nullptr, dqk, dp, kb + t * dp);
     tiles_st(kb, dp, qv, BQ, align16(bq), s, BQ);
-    if (a.causal && k0 + bk - 1 > q0) {
-      for (int64_t t = 0; t < bk; ++t)
-        for (int64_t r = 0; r < bq; ++r)
-          s[t * BQ + r] = k0 + t > q0 + r ? kNegInf : s[t * BQ + r];
-    }
+    if (a.causal && k0 + bk - 1 > q0) mask_tile(s, BQ, bk, bq, k0, q0, 1);
     softmax_step(s, BQ, bk, bq, c, m, l, alpha, mx);
-    for (int64_t r = 0; r < bq; ++r) {
-      if (alpha[r] == 1.0f) continue;
-      float* row = o + r * dvp;
-      for (int64_t j = 0; j < dv; ++j) row[j] *= alpha[r];
-    }
+    rescale_rows(o, dvp, bq, dv, alpha);
     p_rows(s, BQ, bk, bq, align16(bq), pb);
     v_pairs(v + ((start + k0) * h + head) * dv, h * dv, bk, dv, dvp, vv);
     tiles_pv(pb, align16(bq), vv, dvp, o);
   }
   _tile_release();
-  for (int64_t r = 0; r < bq; ++r) {
-    const int64_t row = start + q0 + r;
-    float* orow = o + r * dvp;
-    const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
-    for (int64_t j = 0; j < dv; ++j) orow[j] *= inv;
-    store_row(orow, dv, a.dtype, offset(a.out, (row * h + head) * dv, a.dtype));
-    a.lse[head * a.t + row] = l[r] > 0.0f ? (m[r] + std::log2(l[r])) * kLn2 : kNegInf;
-  }
+  finish_rows(a, start, q0, bq, head, o, dvp, m, l);
 }
 
 // ---- training backward -------------------------------------------------------------------
@@ -360,30 +327,25 @@ void amx_bwd_task(const AttnBwdArgs& a, int64_t seq, int64_t head, void* scratch
   const int64_t h = a.h, dqk = a.dqk, dv = a.dv;
   const BwdDims z = bwd_dims(a, len);
   const int64_t lp = z.lp, dqp = z.dqp, dvp = z.dvp, dvk = z.dvk;
-  char* p = static_cast<char*>(scratch);
-  auto take = [&p](int64_t bytes) {
-    char* r = p;
-    p += (bytes + 63) / 64 * 64;
-    return r;
-  };
-  uint32_t* qt = reinterpret_cast<uint32_t*>(take(dqp * lp * 2));   // [dqp/2][lp]
-  uint32_t* qq = reinterpret_cast<uint32_t*>(take(lp * dqp * 2));   // [lp/2][dqp]
-  uint32_t* dop = reinterpret_cast<uint32_t*>(take(lp * dvp * 2));  // [lp/2][dvp]
-  uint32_t* dot = reinterpret_cast<uint32_t*>(take(dvk * lp * 2));  // [dvk/2][lp]
-  uint16_t* kb = reinterpret_cast<uint16_t*>(take(kTile * dqp * 2));
-  uint16_t* vb = reinterpret_cast<uint16_t*>(take(kTile * dvk * 2));
-  uint32_t* kk = reinterpret_cast<uint32_t*>(take(kTile * dqp * 2));  // [32][dqp]
-  uint16_t* ptb = reinterpret_cast<uint16_t*>(take(kTile * kTile * 2));
-  uint16_t* dstb = reinterpret_cast<uint16_t*>(take(kTile * kTile * 2));
-  uint16_t* dsb = reinterpret_cast<uint16_t*>(take(kTile * kTile * 2));
-  float* dq = reinterpret_cast<float*>(take(lp * dqp * 4));
-  float* lse2 = reinterpret_cast<float*>(take(lp * 4));
-  float* delta = reinterpret_cast<float*>(take(lp * 4));
-  float* pt = reinterpret_cast<float*>(take(kTile * kTile * 4));
-  float* dpt = reinterpret_cast<float*>(take(kTile * kTile * 4));
-  float* dva = reinterpret_cast<float*>(take(kTile * dvp * 4));
-  float* dka = reinterpret_cast<float*>(take(kTile * dqp * 4));
-  float* orow = reinterpret_cast<float*>(take(dvp * 4));
+  Carve cv{static_cast<char*>(scratch)};
+  uint32_t* qt = cv.take<uint32_t>(dqp * lp / 2);   // [dqp/2][lp]
+  uint32_t* qq = cv.take<uint32_t>(lp * dqp / 2);   // [lp/2][dqp]
+  uint32_t* dop = cv.take<uint32_t>(lp * dvp / 2);  // [lp/2][dvp]
+  uint32_t* dot = cv.take<uint32_t>(dvk * lp / 2);  // [dvk/2][lp]
+  uint16_t* kb = cv.take<uint16_t>(kTile * dqp);
+  uint16_t* vb = cv.take<uint16_t>(kTile * dvk);
+  uint32_t* kk = cv.take<uint32_t>(kTile * dqp / 2);  // [32][dqp]
+  uint16_t* ptb = cv.take<uint16_t>(kTile * kTile);
+  uint16_t* dstb = cv.take<uint16_t>(kTile * kTile);
+  uint16_t* dsb = cv.take<uint16_t>(kTile * kTile);
+  float* dq = cv.take<float>(lp * dqp);
+  float* lse2 = cv.take<float>(lp);
+  float* delta = cv.take<float>(lp);
+  float* pt = cv.take<float>(kTile * kTile);
+  float* dpt = cv.take<float>(kTile * kTile);
+  float* dva = cv.take<float>(kTile * dvp);
+  float* dka = cv.take<float>(kTile * dqp);
+  float* orow = cv.take<float>(dvp);
 
   const uint16_t* q = static_cast<const uint16_t*>(a.q) + (start * h + head) * dqk;
   const uint16_t* k = static_cast<const uint16_t*>(a.k) + (start * h + head) * dqk;

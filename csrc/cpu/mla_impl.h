@@ -114,12 +114,44 @@ inline void softmax_step(float* s, int64_t ld, int64_t bk, int64_t bq, float c, 
   }
 }
 
-// Scratch carving: bump allocation of 64-byte-aligned fp32 arrays.
+// The running output rows (o[r * ld], n wide) times the softmax step's alpha[r].
+inline void rescale_rows(float* o, int64_t ld, int64_t rows, int64_t n, const float* alpha) {
+  for (int64_t r = 0; r < rows; ++r) {
+    if (alpha[r] == 1.0f) continue;
+    float* row = o + r * ld;
+    for (int64_t j = 0; j < n; ++j) row[j] *= alpha[r];
+  }
+}
+
+// Causal mask of an S^T tile (keys k0 + t, query columns c): key k0 + t is hidden from column c
+// when it lies past limit0 + c / per (per = 1 in training; the H heads of one query in decode).
+inline void mask_tile(float* s, int64_t ld, int64_t bk, int64_t cols, int64_t k0, int64_t limit0,
+                      int64_t per) {
+  for (int64_t t = 0; t < bk; ++t)
+    for (int64_t c = 0; c < cols; ++c)
+      s[t * ld + c] = k0 + t > limit0 + c / per ? kNegInf : s[t * ld + c];
+}
+
+// The forward's end for rows q0 + r, r < bq, of sequence `start`: out = o / l, lse = m + log l.
+inline void finish_rows(const AttnFwdArgs& a, int64_t start, int64_t q0, int64_t bq,
+                        int64_t head, float* o, int64_t ld, const float* m, const float* l) {
+  for (int64_t r = 0; r < bq; ++r) {
+    const int64_t row = start + q0 + r;
+    float* orow = o + r * ld;
+    const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+    for (int64_t j = 0; j < a.dv; ++j) orow[j] *= inv;
+    store_row(orow, a.dv, a.dtype, offset(a.out, (row * a.h + head) * a.dv, a.dtype));
+    a.lse[head * a.t + row] = l[r] > 0.0f ? (m[r] + std::log2(l[r])) * kLn2 : kNegInf;
+  }
+}
+
+// Scratch carving: bump allocation of 64-byte-aligned arrays.
 struct Carve {
   char* p;
-  float* take(int64_t n) {
-    float* r = reinterpret_cast<float*>(p);
-    p += (n * 4 + 63) / 64 * 64;
+  template <class T = float>
+  T* take(int64_t n) {
+    T* r = reinterpret_cast<T*>(p);
+    p += (n * static_cast<int64_t>(sizeof(T)) + 63) / 64 * 64;
     return r;
   }
 };
@@ -164,27 +196,12 @@ struct Mla {
       load_rows(offset(a.v, ((start + k0) * h + head) * dv, a.dtype), a.dtype, h * dv, bk, dv, vf,
                 dv);
       Gemm::run(bk, bq, dqk, kf, dqk, 1, qt, BQ, s, BQ, false);
-      if (a.causal && k0 + bk - 1 > q0) {
-        for (int64_t t = 0; t < bk; ++t)
-          for (int64_t q = 0; q < bq; ++q)
-            s[t * BQ + q] = k0 + t > q0 + q ? kNegInf : s[t * BQ + q];
-      }
+      if (a.causal && k0 + bk - 1 > q0) mask_tile(s, BQ, bk, bq, k0, q0, 1);
       softmax_step(s, BQ, bk, bq, c, m, l, alpha, mx);
-      for (int64_t q = 0; q < bq; ++q) {
-        if (alpha[q] == 1.0f) continue;
-        float* row = o + q * dv;
-        for (int64_t j = 0; j < dv; ++j) row[j] *= alpha[q];
-      }
+      rescale_rows(o, dv, bq, dv, alpha);
       Gemm::run(bq, dv, bk, s, 1, BQ, vf, dv, o, dv, true);
     }
-    for (int64_t q = 0; q < bq; ++q) {
-      const int64_t row = start + q0 + q;
-      float* orow = o + q * dv;
-      const float inv = l[q] > 0.0f ? 1.0f / l[q] : 0.0f;
-      for (int64_t j = 0; j < dv; ++j) orow[j] *= inv;
-      store_row(orow, dv, a.dtype, offset(a.out, (row * h + head) * dv, a.dtype));
-      a.lse[head * a.t + row] = l[q] > 0.0f ? (m[q] + std::log2(l[q])) * kLn2 : kNegInf;
-    }
+    finish_rows(a, start, q0, bq, head, o, dv, m, l);
   }
 
   // ---- backward ---------------------------------------------------------------------------
@@ -332,17 +349,9 @@ struct Mla {
         }
       }
       Gemm::run(bk, rows, d, kt, d, 1, qt, ld, s, ld, false);
-      if (a.causal && k0 + bk - 1 > first_limit) {
-        for (int64_t t = 0; t < bk; ++t)
-          for (int64_t r = 0; r < rows; ++r)
-            s[t * ld + r] = k0 + t > first_limit + r / a.h ? kNegInf : s[t * ld + r];
-      }
+      if (a.causal && k0 + bk - 1 > first_limit) mask_tile(s, ld, bk, rows, k0, first_limit, a.h);
       softmax_step(s, ld, bk, rows, c, m, l, alpha, mx);
-      for (int64_t r = 0; r < rows; ++r) {
-        if (alpha[r] == 1.0f) continue;
-        float* row = o + r * dv;
-        for (int64_t j = 0; j < dv; ++j) row[j] *= alpha[r];
-      }
+      rescale_rows(o, dv, rows, dv, alpha);
       Gemm::run(rows, dv, bk, s, 1, ld, kt, d, o, dv, true);
       k0 += bk;
     }
