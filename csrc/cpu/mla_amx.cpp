@@ -208,23 +208,34 @@ void amx_decode_task(const DecodeArgs& a, int64_t b, int64_t t0, int64_t t1, Dec
   const int64_t len = a.seqlens[b], first_limit = len - a.sq, tend = std::min(t1, len);
   const uint16_t* cache = static_cast<const uint16_t*>(a.cache);
 
+  auto row_of = [&](int64_t j) {
+    return cache + (static_cast<int64_t>(table[j / a.block_size]) * a.block_size + j % a.block_size) * d;
+  };
   configure_full_tiles();
   for (int64_t k0 = t0; k0 < tend; k0 += kTile) {
     const int64_t bk = std::min(kTile, tend - k0);
-    for (int64_t t = 0; t < kTile; ++t) {
-      const int64_t j = k0 + t;
-      key_row(t < bk ? cache + (static_cast<int64_t>(table[j / a.block_size]) * a.block_size +
-                                j % a.block_size) * d
-                     : nullptr,
-              d, dp, kb + t * dp);
-    }
+    for (int64_t t = 0; t < kTile; ++t) key_row(t < bk ? row_of(k0 + t) : nullptr, d, dp, kb + t * dp);
+    // The cache is read once, from DRAM: the next tile's rows are requested (into L2) a quarter
+    // at a time between this tile's steps, so that the reads overlap the products and the
+    // softmax instead of stalling on full fill buffers.
+    auto prefetch = [&](int64_t quarter) {
+      const int64_t j0 = k0 + kTile + quarter * (kTile / 4);
+      for (int64_t j = j0; j < std::min(j0 + kTile / 4, tend); ++j) {
+        const char* row = reinterpret_cast<const char*>(row_of(j));
+        for (int64_t off = 0; off < d * 2; off += 64) _mm_prefetch(row + off, _MM_HINT_T1);
+      }
+    };
+    prefetch(0);
     tiles_st(kb, dp, qv, rp, rp, s, rp);
+    prefetch(1);
     if (a.causal && k0 + bk - 1 > first_limit) mask_tile(s, rp, bk, rows, k0, first_limit, a.h);
     softmax_step(s, rp, bk, rows, c, m, l, alpha, mx);
     rescale_rows(o, dvp, rows, dv, alpha);
     p_rows(s, rp, bk, rows, rp, pb);
+    prefetch(2);
     v_pairs(kb, dp, bk, dv, dvp, vv);
     tiles_pv(pb, rp, vv, dvp, o);
+    prefetch(3);
   }
   _tile_release();
   for (int64_t r = 0; r < rows; ++r) std::memcpy(part.o + r * dv, o + r * dvp, dv * 4);
