@@ -66,6 +66,7 @@ ATTN_CASES = [
     # (seqlens, H, Dqk, Dv)
     ([1, 3, 64, 65, 0, 130], 3, 40, 24),  # block edges, an empty sequence, odd tails
     ([77, 5], 2, 192, 128),                 # DeepSeek-V3's head dims
+    ([127, 128, 129, 1], 1, 192, 128),      # CUDA's 128-key tiles: edges
     ([200], 1, 17, 33),                     # Dv > Dqk, odd widths
     ([0, 0], 2, 8, 8),                      # T = 0 with sequences
 ]
@@ -179,6 +180,7 @@ DECODE_CASES = [
     ([700, 3, 33], 2, 3, 40, 40, 1),    # block size 1, dv = D, several KV splits
     ([300, 2, 129], 3, 5, 576, 512, 64),  # DeepSeek-V3's widths, MTP-style Sq = 3
     ([1], 2, 16, 24, 8, 64),              # Sq > L: the first query sees nothing
+    ([65, 0, 1, 200], 2, 64, 576, 512, 64),  # Sq * H > 32: CUDA's wgmma decode path
     ([], 1, 2, 16, 8, 4),                 # B = 0
 ]
 
