@@ -126,7 +126,19 @@ void v_pairs(const uint16_t* v, int64_t rs, int64_t bk, int64_t dv, int64_t dvp,
     if (2 * tp + 1 < bk) {
       const uint16_t* r0 = v + 2 * tp * rs;
       const uint16_t* r1 = r0 + rs;
-      for (int64_t j = 0; j < dv; ++j) dst[j] = pair(r0[j], r1[j]);
+      // 32 columns of both rows -> 32 pairs, by two word permutes across the row pair
+      alignas(64) static constexpr uint16_t kLo[32] = {0, 32, 1, 33, 2,  34, 3,  35, 4,  36, 5,
+                                                       37, 6, 38, 7, 39, 8,  40, 9,  41, 10, 42,
+                                                       11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+      const __m512i lo = _mm512_load_si512(kLo);
+      const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+      int64_t j = 0;
+      for (; j + 32 <= dv; j += 32) {
+        const __m512i x0 = _mm512_loadu_si512(r0 + j), x1 = _mm512_loadu_si512(r1 + j);
+        _mm512_storeu_si512(dst + j, _mm512_permutex2var_epi16(x0, lo, x1));
+        _mm512_storeu_si512(dst + j + 16, _mm512_permutex2var_epi16(x0, hi, x1));
+      }
+      for (; j < dv; ++j) dst[j] = pair(r0[j], r1[j]);
       std::fill(dst + dv, dst + dvp, 0u);
     } else if (2 * tp < bk) {
       const uint16_t* r0 = v + 2 * tp * rs;
@@ -214,7 +226,12 @@ void amx_decode_task(const DecodeArgs& a, int64_t b, int64_t t0, int64_t t1, Dec
   configure_full_tiles();
   for (int64_t k0 = t0; k0 < tend; k0 += kTile) {
     const int64_t bk = std::min(kTile, tend - k0);
-    for (int64_t t = 0; t < kTile; ++t) key_row(t < bk ? row_of(k0 + t) : nullptr, d, dp, kb + t * dp);
+    // A whole tile inside one cache block, rows a multiple of 32 wide: the tile products read
+    // the cache rows where they are; otherwise they are gathered (and zero-padded) into kb.
+    const bool direct = bk == kTile && d == dp && a.block_size % kTile == 0;
+    const uint16_t* kt = direct ? row_of(k0) : kb;
+    if (!direct)
+      for (int64_t t = 0; t < kTile; ++t) key_row(t < bk ? row_of(k0 + t) : nullptr, d, dp, kb + t * dp);
     // The cache is read once, from DRAM: the next tile's rows are requested (into L2) a quarter
     // at a time between this tile's steps, so that the reads overlap the products and the
     // softmax instead of stalling on full fill buffers.
@@ -226,14 +243,14 @@ void amx_decode_task(const DecodeArgs& a, int64_t b, int64_t t0, int64_t t1, Dec
       }
     };
     prefetch(0);
-    tiles_st(kb, dp, qv, rp, rp, s, rp);
+    tiles_st(kt, dp, qv, rp, rp, s, rp);
     prefetch(1);
     if (a.causal && k0 + bk - 1 > first_limit) mask_tile(s, rp, bk, rows, k0, first_limit, a.h);
     softmax_step(s, rp, bk, rows, c, m, l, alpha, mx);
     rescale_rows(o, dvp, rows, dv, alpha);
     p_rows(s, rp, bk, rows, rp, pb);
     prefetch(2);
-    v_pairs(kb, dp, bk, dv, dvp, vv);
+    v_pairs(kt, dp, bk, dv, dvp, vv);
     tiles_pv(pb, rp, vv, dvp, o);
     prefetch(3);
   }
