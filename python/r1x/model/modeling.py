@@ -296,6 +296,65 @@ class DeepSeekForCausalLM(nn.Module):
         return self
 
     # ------------------------------------------------------------------------------------------
+    # checkpoints (the HF DeepseekV3 layout; r1x.model.checkpoint does the file work)
+    # ------------------------------------------------------------------------------------------
+    def save_pretrained(self, path, max_shard_size: int | str = "5GB", fp8: bool = False) -> None:
+        """Write ``config.json`` and sharded safetensors with transformers' parameter names
+        (routed experts one by one, as DeepSeek-V3 ships them). MTP module i is written as
+        ``model.layers.{num_hidden_layers + i}``, with the shared ``embed_tokens`` and
+        ``shared_head.head`` it reads, as in DeepSeek-V3's checkpoint. ``fp8=True`` stores the
+        projection weights as e4m3 with 128x128-block ``weight_scale_inv`` (DeepSeek-V3's FP8
+        checkpoint); a model already converted with :meth:`to_fp8` is written as it is."""
+        from r1x.model import checkpoint
+
+        state = self.state_dict()
+        for i in range(len(self.mtp)):
+            state[f"mtp.{i}.embed_tokens.weight"] = self.model.embed_tokens.weight
+            state[f"mtp.{i}.shared_head.head.weight"] = self.lm_head.weight
+        config = self.config.replace(num_nextn_predict_layers=len(self.mtp)).to_dict()
+        state = checkpoint.merge_mtp_state_dict(state, {}, self.config.num_hidden_layers)
+        checkpoint.save_state_dict(path, state, config, max_shard_bytes=max_shard_size, fp8=fp8)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device=None, fp8: bool = False, mtp: bool = True) -> "DeepSeekForCausalLM":
+        """Load a checkpoint in the HF DeepseekV3 layout (written by :meth:`save_pretrained`, by
+        transformers, or DeepSeek's own, FP8 included: e4m3 weights are dequantized).
+
+        The model runs in the checkpoint's dtype (``config.json``'s ``torch_dtype``) unless
+        ``dtype`` says otherwise; ``fp8=True`` then converts it for FP8 inference
+        (:meth:`to_fp8`). A config that announces MTP modules whose weights the checkpoint does
+        not have (transformers writes such) loads with MTP off and a warning; ``mtp=False``
+        leaves them out in any case.
+        """
+        import warnings
+
+        from r1x.model import checkpoint
+
+        loaded = checkpoint.load_state_dict(path, dtype=dtype)
+        state, config_dict = loaded
+        config = DeepSeekConfig.from_dict(config_dict)
+        dtype = config.dtype if dtype is None else (getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+        announced = config.num_nextn_predict_layers
+        if mtp and 0 < loaded.num_mtp_layers < announced:
+            raise ValueError(
+                f"from_pretrained: {path} has weights for {loaded.num_mtp_layers} of the {announced} MTP "
+                "modules its config announces (`num_nextn_predict_layers`)")
+        if mtp and announced and loaded.num_mtp_layers == 0:
+            warnings.warn(
+                f"from_pretrained: the config announces {announced} MTP module(s) "
+                "(`num_nextn_predict_layers`) but the checkpoint has no weights for them: loading "
+                "with MTP off", stacklevel=2)
+        use_mtp = mtp and loaded.num_mtp_layers > 0
+        main, mtp_state = checkpoint.split_mtp_state_dict(state, config)
+        if use_mtp:
+            # the MTP modules share the main model's embedding and head
+            main.update({k: v for k, v in mtp_state.items()
+                         if not k.endswith((".embed_tokens.weight", ".shared_head.head.weight"))})
+        model = cls(config, dtype=dtype, device=device, mtp=use_mtp)
+        model.load_state_dict(main, strict=True)
+        return model.to_fp8() if fp8 else model
+
+    # ------------------------------------------------------------------------------------------
     def _pack(self, input_ids, cu_seqlens, labels, positions):
         """Validate and flatten to packed ``[T]`` tensors with int32 ``cu_seqlens``."""
         if (not isinstance(input_ids, torch.Tensor) or input_ids.dtype.is_floating_point
