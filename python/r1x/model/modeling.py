@@ -433,3 +433,18 @@ class DeepSeekForCausalLM(nn.Module):
         out.aux_loss = torch.stack([a.to(loss.device, torch.float32) for a in aux]).sum() if aux else loss.new_zeros(())
         out.loss = loss + out.aux_loss
         return out
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, stop_token_ids=None, speculative: bool = False, **kwargs):
+        """The new tokens of each prompt: batched sampling over a paged latent KV cache with
+        absorbed MLA decode, continuous batching, optional MTP speculative decoding (greedy).
+
+        ``temperature == 0`` is greedy; ``stop_token_ids=None`` means ``config.eos_token_id``
+        (a stop token that ends a sequence is included in its output). Keyword extras
+        (``seed``, ``tokenizer``, ``stop_strings``, ``max_batch``, ``max_tokens``,
+        ``block_size``, ``return_stats``): see :func:`r1x.model.generation.generate`. Runs
+        under ``torch.no_grad()`` in eval mode (the mode is restored after)."""
+        from r1x.model.generation import generate
+
+        return generate(self, prompts, max_new_tokens, temperature, top_p, top_k, stop_token_ids, speculative,
+                        **kwargs)
