@@ -243,7 +243,7 @@ def test_speculative_with_oracle_drafts(monkeypatch, n_mtp):
 def test_bad_arguments(model):
     cases = [
         (dict(prompts=[[1, 2], []]), "prompts"),
-        (dict(prompts=[[1, 256]]), "prompts"),
+        (dict(prompts=[[1, 264]]), "prompts"),
         (dict(prompts=[[-1]]), "prompts"),
         (dict(prompts=[[1.0]]), "prompts"),
         (dict(max_new_tokens=-1), "max_new_tokens"),

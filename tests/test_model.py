@@ -74,7 +74,7 @@ def test_parameter_counts_on_meta_device():
     ("first_k_dense_replace", 4), ("q_lora_rank", 0), ("scoring_func", "relu"), ("hidden_act", "gelu"),
     ("routed_scaling_factor", 0.0), ("mtp_loss_weight", -1.0), ("aux_loss_alpha", float("nan")),
     ("rope_theta", 0), ("rope_scaling", {"type": "linear", "factor": 2.0}),
-    ("rope_scaling", {"type": "yarn", "factor": 4.0}), ("eos_token_id", 256), ("pad_token_id", -1),
+    ("rope_scaling", {"type": "yarn", "factor": 4.0}), ("eos_token_id", 264), ("pad_token_id", -1),
     ("torch_dtype", "float16"), ("num_nextn_predict_layers", -1), ("norm_topk_prob", 1),
 ])
 def test_bad_config_names_the_field(field, value):
@@ -159,7 +159,7 @@ def test_packed_equals_per_sequence(gen):
     packed = torch.cat(seqs)
     with torch.no_grad():
         out = model(packed, cu_seqlens=cu, labels=packed)
-        assert out.logits.shape == (18, 256) and len(out.mtp_logits) == 1
+        assert out.logits.shape == (18, tiny().vocab_size) and len(out.mtp_logits) == 1
         for i, s in enumerate(seqs):
             ref = model(s[None], labels=s[None])
             close(out.logits[cu[i]:cu[i + 1]], ref.logits[0])
@@ -178,8 +178,8 @@ def test_losses_match_hand_computation(gen):
     with torch.no_grad():
         out = model(ids, labels=labels)
     lg, mlg = out.logits.double(), out.mtp_logits[0].double()
-    lm = F.cross_entropy(lg[:, :-1].reshape(-1, 256), labels[:, 1:].reshape(-1), ignore_index=-100)
-    mtp = F.cross_entropy(mlg[:, :-2].reshape(-1, 256), labels[:, 2:].reshape(-1), ignore_index=-100)
+    lm = F.cross_entropy(lg[:, :-1].reshape(-1, lg.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+    mtp = F.cross_entropy(mlg[:, :-2].reshape(-1, mlg.shape[-1]), labels[:, 2:].reshape(-1), ignore_index=-100)
     torch.testing.assert_close(out.lm_loss.double(), lm, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.mtp_loss.double(), mtp, rtol=1e-5, atol=1e-6)
     assert out.aux_loss.item() == 0  # eval mode: no balance loss

@@ -278,12 +278,13 @@ _YARN_V3 = {"type": "yarn", "factor": 40, "original_max_position_embeddings": 40
 PRESETS: dict[str, dict] = {
     # every feature at toy size: q LoRA, 1 dense + 2 MoE layers, shared experts, group-limited
     # routing, one MTP module; float32 so CPU tests compare tightly
+    # (vocabulary and special ids: r1x.model.tokenizer.ByteTokenizer's 256 bytes + 7 special tokens)
     "tiny": dict(
-        vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
+        vocab_size=264, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
         num_attention_heads=4, n_shared_experts=1, n_routed_experts=8, routed_scaling_factor=2.5,
         kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=8, v_head_dim=16, qk_nope_head_dim=16, n_group=2,
         topk_group=1, num_experts_per_tok=2, first_k_dense_replace=1, max_position_embeddings=512,
-        num_nextn_predict_layers=1, bos_token_id=0, eos_token_id=1, torch_dtype="float32",
+        num_nextn_predict_layers=1, pad_token_id=256, bos_token_id=257, eos_token_id=258, torch_dtype="float32",
     ),
     # ~100M parameters (embeddings and head included, one MTP module)
     "small": dict(
