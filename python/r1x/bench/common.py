@@ -135,3 +135,25 @@ def write_results(out_dir: str, name: str, meta: dict, records: list[dict], tabl
         f.write(", ".join(f"{k}: {v}" for k, v in meta.items()) + "\n\n")
         f.write(table + "\n")
     return paths
+
+
+def publish(out_dir: str | None, name: str, meta: dict, records: list[dict], targets: list, table: str,
+            plot_fn=None, title: str = "", quiet: bool = False) -> dict:
+    """The end of a benchmark run: the result dict (meta, records, targets, table); with
+    ``out_dir``, ``<name>.json`` and ``.md`` (targets appended to the records) and, when
+    matplotlib is installed, ``plot_fn(records, png_path, title)``'s ``<name>.png``; the table
+    printed unless ``quiet``."""
+    result = {"meta": meta, "records": records, "targets": targets, "table": table}
+    if out_dir:
+        paths = write_results(out_dir, name, meta, records + [{"kind": "targets", "targets": targets}], table)
+        if plot_fn is not None:
+            png = os.path.join(out_dir, f"{name}.png")
+            try:
+                plot_fn(records, png, title)
+                paths["png"] = png
+            except ImportError:
+                pass  # matplotlib missing: table and JSON only
+        result["paths"] = paths
+    if not quiet:
+        print(table)
+    return result

@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 
 import r1x
-from r1x.bench.common import Timer, device_tag, format_table, machine_info, write_results
+from r1x.bench.common import Timer, device_tag, format_table, machine_info, publish
 from r1x.testing import calc_diff
 
 H, DQK, DV = 16, 192, 128  # training: heads, qk head dim (128 nope + 64 rope), v head dim
@@ -797,19 +797,8 @@ def run(device: str = "cpu", full: bool = False, out_dir: str | None = None, bud
     meta.update({"train": f"H={H}, qk {DQK}, v {DV}, causal", "decode": f"D={D_DECODE}, dv={D_LATENT}, block {BLOCK}"})
     targets = evaluate_targets(records, dev)
     table = make_table(records, targets)
-    result = {"meta": meta, "records": records, "targets": targets, "table": table}
-    if out_dir:
-        name = f"mla_{device_tag(dev)}"
-        paths = write_results(out_dir, name, meta, records + [{"kind": "targets", "targets": targets}], table)
-        try:
-            plot(records, os.path.join(out_dir, f"{name}.png"), f"r1x MLA vs baselines: {meta['device']}")
-            paths["png"] = os.path.join(out_dir, f"{name}.png")
-        except ImportError:
-            pass  # matplotlib missing: table and JSON only
-        result["paths"] = paths
-    if not quiet:
-        print(table)
-    return result
+    return publish(out_dir, f"mla_{device_tag(dev)}", meta, records, targets, table, plot,
+                   f"r1x MLA vs baselines: {meta['device']}", quiet)
 
 
 def _ints(text: str) -> list[int]:

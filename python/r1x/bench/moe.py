@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import r1x
-from r1x.bench.common import Timer, device_tag, format_table, machine_info, write_results
+from r1x.bench.common import Timer, device_tag, format_table, machine_info, publish
 from r1x.nn import MoE
 from r1x.testing import calc_diff
 
@@ -444,19 +444,8 @@ def run(device: str = "cpu", full: bool = False, out_dir: str | None = None, bud
     meta["mem_read_gbps"] = round(read_bandwidth(dev, timer), 1)
     targets = evaluate_targets(records, dev)
     table = make_table(records, targets)
-    result = {"meta": meta, "records": records, "targets": targets, "table": table}
-    if out_dir:
-        name = f"moe_{device_tag(dev)}"
-        paths = write_results(out_dir, name, meta, records + [{"kind": "targets", "targets": targets}], table)
-        try:
-            plot(records, os.path.join(out_dir, f"{name}.png"), f"r1x MoE layer vs baselines: {meta['device']}")
-            paths["png"] = os.path.join(out_dir, f"{name}.png")
-        except ImportError:
-            pass  # matplotlib missing: table and JSON only
-        result["paths"] = paths
-    if not quiet:
-        print(table)
-    return result
+    return publish(out_dir, f"moe_{device_tag(dev)}", meta, records, targets, table, plot,
+                   f"r1x MoE layer vs baselines: {meta['device']}", quiet)
 
 
 def _ints(text: str) -> list[int]:
