@@ -1,7 +1,7 @@
 """The ``r1x`` command.
 
     r1x info                 what r1x was built with and what this machine offers
-    r1x bench [--op fp8_gemm|moe|mla|all] [--shapes MxNxK,...] [--tokens T,...] [--out DIR]
+    r1x bench [--op fp8_gemm|moe|mla|model|all] [--shapes MxNxK,...] [--tokens T,...] [--out DIR]
                              microbenchmarks against baselines (table, JSON, PNG)
 """
 
@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-BENCHMARKS = ("fp8_gemm", "moe", "mla")
+BENCHMARKS = ("fp8_gemm", "moe", "mla", "model")
 
 
 def _cmd_info(args) -> int:
@@ -25,6 +25,7 @@ def _cmd_bench(args) -> int:
     import torch
 
     from r1x.bench import fp8_gemm, mla, moe
+    from r1x.bench import model as model_bench
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     ops = BENCHMARKS if args.op == "all" else (args.op,)
@@ -38,6 +39,8 @@ def _cmd_bench(args) -> int:
             res = moe.run(device, args.full, args.out, args.budget, tokens=tokens)
         elif op == "mla":
             res = mla.run(device, args.full, args.out, args.budget)
+        elif op == "model":
+            res = model_bench.run(device, args.full, args.out, args.budget)
         for kind, path in res.get("paths", {}).items():
             print(f"wrote {path}")
     return 0
