@@ -16,6 +16,7 @@ from r1x.ops.moe import fp8_grouped_gemm, grouped_gemm, moe_combine, moe_dispatc
 from r1x.ops.mla import mla_attention, mla_attention_forward, mla_decode
 from r1x.utils import cpu_isa, info, use_cpu_isa
 from r1x import nn  # noqa: E402
+from r1x import model  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -37,4 +38,5 @@ __all__ = [
     "info",
     "reference",
     "nn",
+    "model",
 ]
