@@ -46,5 +46,7 @@ timeout 120 python3 benchmarks/bench_grouped_gemm_cuda.py --out "$OUT/grouped_ge
 # MLA: training attention against every SDPA backend, memory against length, decode against the
 # absorbed einsum, the non-absorbed path and FlashMLA (when installed), and the H200 targets.
 timeout 180 python3 benchmarks/bench_mla.py --device cuda --out "$OUT" --budget 0.3
+# The model: training step vs reference ops, cached vs uncached decode, MTP speculation.
+timeout 150 python3 benchmarks/bench_model.py --device cuda --out "$OUT" --budget 0.3
 echo "benchmarks: $(( $(date +%s) - t2 )) s"
 ls -la "$OUT"
