@@ -303,6 +303,10 @@ class PagedLatentCache:
     def _slots(self, ids, starts, counts) -> torch.Tensor:
         """Flat row indices (``block * block_size + offset``) of the new tokens, in order."""
         bs = self.block_size
+        if sum(counts) <= 256:  # decode steps: plain ints beat three tensor ops per sequence
+            slots = [self._blocks[s][j // bs] * bs + j % bs
+                     for s, st, n in zip(ids, starts, counts) for j in range(st, st + n)]
+            return torch.tensor(slots, dtype=torch.int64, device=self.device)
         parts = []
         for s, st, n in zip(ids, starts, counts):
             if n:

@@ -40,8 +40,10 @@ class RMSNorm(nn.Module):
         if x.dim() < 1 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"RMSNorm: `x` must be [..., hidden_size = {self.hidden_size}], "
                              f"got shape {list(x.shape)}")
+        # normalised in (at least) fp32, rounded to x's dtype, then scaled: transformers' order
+        # (torch's fused rms_norm computes x * rsqrt(mean(x^2) + eps) in one op)
         x32 = x.to(torch.promote_types(x.dtype, torch.float32))
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        y = torch.nn.functional.rms_norm(x32, (self.hidden_size,), None, self.eps)
         return self.weight * y.to(x.dtype)
 
     def extra_repr(self) -> str:
