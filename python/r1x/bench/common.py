@@ -157,3 +157,13 @@ def publish(out_dir: str | None, name: str, meta: dict, records: list[dict], tar
     if not quiet:
         print(table)
     return result
+
+
+def replot(json_path: str, plot_fn, title: str) -> str:
+    """Redraws the PNG next to a results JSON written by :func:`publish` (no re-measuring):
+    ``plot_fn(records, png_path, f"{title}: <device>")``; returns the PNG's path."""
+    with open(json_path) as f:
+        data = json.load(f)
+    png = os.path.splitext(json_path)[0] + ".png"
+    plot_fn([r for r in data["results"] if r.get("kind") != "targets"], png, f"{title}: {data['meta']['device']}")
+    return png

@@ -56,8 +56,11 @@ import torch
 import torch.nn.functional as F
 
 import r1x
+from r1x.bench import common
 from r1x.bench.common import Timer, device_tag, format_table, machine_info, publish
 from r1x.testing import calc_diff
+
+TITLE = "r1x MLA vs baselines"  # of the plots
 
 H, DQK, DV = 16, 192, 128  # training: heads, qk head dim (128 nope + 64 rope), v head dim
 D_LATENT, D_ROPE, NOPE, VHEAD = 512, 64, 128, 128  # decode: kv_lora_rank, rope, per-head k_nope / v
@@ -725,11 +728,7 @@ def plot(records: list[dict], path: str, title: str) -> None:
 
 def replot(json_path: str) -> str:
     """Redraws the PNG next to a results JSON (no re-measuring)."""
-    with open(json_path) as f:
-        data = json.load(f)
-    png = os.path.splitext(json_path)[0] + ".png"
-    plot([r for r in data["results"] if r["kind"] != "targets"], png, f"r1x MLA vs baselines: {data['meta']['device']}")
-    return png
+    return common.replot(json_path, plot, TITLE)
 
 
 def _line(rec: dict) -> str:
@@ -798,7 +797,7 @@ def run(device: str = "cpu", full: bool = False, out_dir: str | None = None, bud
     targets = evaluate_targets(records, dev)
     table = make_table(records, targets)
     return publish(out_dir, f"mla_{device_tag(dev)}", meta, records, targets, table, plot,
-                   f"r1x MLA vs baselines: {meta['device']}", quiet)
+                   f"{TITLE}: {meta['device']}", quiet)
 
 
 def _ints(text: str) -> list[int]:

@@ -44,14 +44,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import os
 import statistics
 import time
 
 import torch
 
+from r1x.bench import common
 from r1x.bench.common import device_tag, format_table, machine_info, publish
+
+TITLE = "r1x model vs baselines"  # of the plots
 
 PRESET_NAMES = ("tiny", "small")
 CACHE_PRESETS = ("tiny", "small", "v2-lite", "v3")
@@ -553,16 +555,12 @@ def run(device: str = "cpu", full: bool = False, out_dir: str | None = None, bud
     targets = evaluate_targets(records, dev)
     table = make_table(records, targets)
     return publish(out_dir, f"model_{device_tag(dev)}", meta, records, targets, table, plot,
-                   f"r1x model vs baselines: {meta['device']}", quiet)
+                   f"{TITLE}: {meta['device']}", quiet)
 
 
 def replot(json_path: str) -> str:
     """Redraws the PNG next to a results JSON (no re-measuring)."""
-    with open(json_path) as f:
-        data = json.load(f)
-    png = os.path.splitext(json_path)[0] + ".png"
-    plot([r for r in data["results"] if r["kind"] != "targets"], png, f"r1x model vs baselines: {data['meta']['device']}")
-    return png
+    return common.replot(json_path, plot, TITLE)
 
 
 def _train_shapes(text: str) -> dict:

@@ -30,9 +30,12 @@ import torch
 import torch.nn.functional as F
 
 import r1x
+from r1x.bench import common
 from r1x.bench.common import Timer, device_tag, format_table, machine_info, publish
 from r1x.nn import MoE
 from r1x.testing import calc_diff
+
+TITLE = "r1x MoE layer vs baselines"  # of the plots
 
 LAYERS = {
     # hidden, moe_intermediate, routed experts, top_k, shared, n_group, topk_group, score_func, norm, scale
@@ -384,13 +387,7 @@ def plot(records: list[dict], path: str, title: str) -> None:
 
 def replot(json_path: str) -> str:
     """Redraws the PNG next to a results JSON (no re-measuring)."""
-    import json
-
-    with open(json_path) as f:
-        data = json.load(f)
-    png = os.path.splitext(json_path)[0] + ".png"
-    plot(data["results"], png, f"r1x MoE layer vs baselines: {data['meta']['device']}")
-    return png
+    return common.replot(json_path, plot, TITLE)
 
 
 def _line(rec: dict) -> str:
@@ -445,7 +442,7 @@ def run(device: str = "cpu", full: bool = False, out_dir: str | None = None, bud
     targets = evaluate_targets(records, dev)
     table = make_table(records, targets)
     return publish(out_dir, f"moe_{device_tag(dev)}", meta, records, targets, table, plot,
-                   f"r1x MoE layer vs baselines: {meta['device']}", quiet)
+                   f"{TITLE}: {meta['device']}", quiet)
 
 
 def _ints(text: str) -> list[int]:
