@@ -17,6 +17,7 @@ from r1x.ops.mla import mla_attention, mla_attention_forward, mla_decode
 from r1x.utils import cpu_isa, info, use_cpu_isa
 from r1x import nn  # noqa: E402
 from r1x import model  # noqa: E402
+from r1x import data, rewards, train  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -39,4 +40,7 @@ __all__ = [
     "reference",
     "nn",
     "model",
+    "data",
+    "rewards",
+    "train",
 ]

@@ -1,5 +1,10 @@
 """The ``r1x`` command.
 
+    r1x pipeline [--config FILE] [--output-dir DIR] [--resume] [key=value ...]
+                             the R1 recipe: SFT cold start -> GRPO -> distillation (default:
+                             the tiny model on 3-digit arithmetic, about 8 minutes on 2 CPU cores)
+    r1x sft|grpo|distill [--config FILE] [--output-dir DIR] [--resume] [key=value ...]
+                             one stage (torchrun --nproc_per_node N -m r1x.cli ... for DDP)
     r1x info                 what r1x was built with and what this machine offers
     r1x bench [--op fp8_gemm|moe|mla|model|all] [--shapes MxNxK,...] [--tokens T,...] [--out DIR]
                              microbenchmarks against baselines (table, JSON, PNG)
@@ -9,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 BENCHMARKS = ("fp8_gemm", "moe", "mla", "model")
@@ -46,6 +52,55 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _overrides(args) -> list[str]:
+    over = list(args.overrides)
+    if args.output_dir:
+        over.append(f"output_dir={args.output_dir}")
+    if args.resume:
+        over.append("resume=true")
+    if getattr(args, "threads", None):
+        over.append(f"num_threads={args.threads}")
+    return over
+
+
+def _cmd_pipeline(args) -> int:
+    from r1x.train.pipeline import PipelineConfig, run_pipeline
+
+    over = _overrides(args)
+    if args.quick:
+        over = QUICK + over
+    cfg = PipelineConfig.from_yaml(args.config, over)
+    summary = run_pipeline(cfg)
+    print()
+    print(summary["table"])
+    print(f"\n{summary['total_seconds']:.0f} s; wrote {cfg.output_dir}/summary.json, results.md, metrics.jsonl, "
+          + ", ".join(os.path.basename(p) for p in summary.get("plots", [])))
+    return 0
+
+
+# a smoke-sized pipeline (tests, a first look): seconds, not minutes; accuracy is not the point
+QUICK = ["sft.max_steps=6", "sft.num_train_examples=64", "grpo.max_steps=2", "grpo.per_device_train_batch_size=16",
+         "grpo.num_generations=4", "grpo.eval_steps=0", "grpo.max_completion_length=24", "distill.num_prompts=16",
+         "distill.max_steps=3", "eval_examples=16", "eval_max_new_tokens=24", "save_steps=0"]
+
+
+def _cmd_stage(args) -> int:
+    from r1x.train import (DistillConfig, DistillTrainer, GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer)
+
+    cfg_cls, trainer_cls = {"sft": (SFTConfig, SFTTrainer), "grpo": (GRPOConfig, GRPOTrainer),
+                            "distill": (DistillConfig, DistillTrainer)}[args.command]
+    cfg = cfg_cls.from_yaml(args.config, _overrides(args))
+    trainer = trainer_cls(cfg)
+    history = trainer.train()
+    res = trainer.evaluate()  # every rank: the evaluation is sharded and averaged over ranks
+    if trainer.world.is_main:
+        print(json.dumps({"step": trainer.step, **(history[-1] if history else {}),
+                          **{f"eval/{k}": v for k, v in res.items()}}, indent=1))
+        print(f"final model: {os.path.join(cfg.output_dir, 'final')}")
+    trainer.world.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="r1x", description="r1x: kernels and the DeepSeek-R1 recipe")
     sub = p.add_subparsers(dest="command", required=True)
@@ -59,6 +114,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--budget", type=float, default=1.0, help="seconds of timed runs per method")
     b.add_argument("--out", default="r1x-bench", help="output folder (default: ./r1x-bench)")
     b.set_defaults(func=_cmd_bench)
+
+    pl = sub.add_parser("pipeline", help="the R1 recipe: SFT -> GRPO -> distillation (+ the RL-only baseline)")
+    pl.add_argument("--quick", action="store_true", help="a smoke-sized run (seconds)")
+    for name, what in (("sft", "SFT cold start"), ("grpo", "GRPO with rule-based rewards"),
+                       ("distill", "distillation into a smaller student")):
+        sp = sub.add_parser(name, help=what)
+        sp.set_defaults(func=_cmd_stage)
+    for sp in (pl, *(sub.choices[n] for n in ("sft", "grpo", "distill"))):
+        sp.add_argument("--config", default=None, help="a YAML file of config fields")
+        sp.add_argument("--output-dir", default=None, help="output folder (overrides the config's)")
+        sp.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+        sp.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+        sp.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config fields (YAML values; the pipeline's stage fields as grpo.max_steps=50)")
+    pl.set_defaults(func=_cmd_pipeline)
     return p
 
 

@@ -1,0 +1,571 @@
+"""What the SFT, GRPO and distillation trainers share.
+
+- :class:`TrainConfig`: the optimisation and bookkeeping fields every stage has (each stage's
+  config subclasses it), read from YAML with ``key=value`` overrides.
+- :class:`Trainer`: the loop. A stage implements :meth:`Trainer.compute_loss` (one optimizer
+  step's forward and backward passes); the base class does the rest: AdamW with linear warm-up
+  and cosine decay, gradient clipping, a non-finite loss check, metrics (JSONL), a progress
+  bar, periodic evaluation, atomic checkpoints (written to a temporary folder, then renamed)
+  and ``resume`` that continues bit-identically on the CPU, and DDP under ``torchrun``.
+- :func:`evaluate_generations`: held-out accuracy and format reward of greedy generations.
+
+Determinism: every random draw of a stage comes from generators seeded by ``(seed, step)``
+(data order, sampling), never from global state, so a run that is stopped and resumed from a
+checkpoint takes the same steps as one that is not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from typing import Any
+
+import torch
+
+from r1x.train import dist
+
+__all__ = ["TrainConfig", "Trainer", "NonFiniteLossError", "evaluate_generations", "pack_sequences",
+           "sequence_logps", "completion_logits", "reward_name", "decode_completion", "yaml_load",
+           "CHECKPOINT_PREFIX"]
+
+CHECKPOINT_PREFIX = "checkpoint-"
+STATE_FILE = "trainer_state.pt"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss (or the gradient norm) became NaN or infinite."""
+
+
+def yaml_load(stream):
+    """``yaml.safe_load`` that also reads ``3e-4`` / ``1e3`` as floats (YAML 1.2; PyYAML's
+    YAML 1.1 rules need a dot, ``3.0e-4``, and would give the string ``"3e-4"``)."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"), list("-+0123456789."))
+    return yaml.load(stream, Loader=Loader)
+
+
+def _parse_value(text: str):
+    return yaml_load(text) if text != "" else ""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Fields every stage shares (TRL's names where TRL has one).
+
+    Args:
+        output_dir: where metrics, checkpoints and the final model go.
+        seed: seeds the model's initialisation, the data order and the sampling.
+        max_steps: optimizer steps.
+        max_time: stop after this many seconds of training (0: no limit; a time limit makes
+            the number of steps depend on the machine, so seeded runs are then not repeatable).
+        learning_rate, warmup_ratio, min_lr_ratio: AdamW's peak rate, the fraction of
+            ``max_steps`` of linear warm-up, and the floor of the cosine decay (a fraction of
+            the peak).
+        weight_decay, adam_beta1, adam_beta2, adam_epsilon: AdamW's (no decay on norms,
+            biases and embeddings... all 1-D parameters).
+        max_grad_norm: gradient clipping (0: none).
+        gradient_accumulation_steps: micro-batches per optimizer step.
+        logging_steps, eval_steps, save_steps: every how many steps to log, to evaluate on the
+            held-out set, and to write a checkpoint (0: never; a final one is always written).
+        save_total_limit: checkpoints kept (oldest removed first; 0: all).
+        resume: continue from the newest checkpoint in ``output_dir`` (or from this path).
+        dtype: ``"float32"`` or ``"bfloat16"``: the parameters' dtype.
+        fp8: train with FP8 linear layers (``r1x.nn.FP8Linear`` over master weights).
+        num_threads: torch threads on the CPU (0: leave as is).
+        progress: show a progress bar.
+        eval_examples, eval_max_new_tokens: the held-out evaluation's size and length.
+    """
+
+    output_dir: str = "r1x-out"
+    seed: int = 0
+    max_steps: int = 100
+    max_time: float = 0.0
+    learning_rate: float = 1e-3
+    warmup_ratio: float = 0.05
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    gradient_accumulation_steps: int = 1
+    logging_steps: int = 10
+    eval_steps: int = 0
+    save_steps: int = 0
+    save_total_limit: int = 2
+    resume: Any = False
+    dtype: str = "float32"
+    fp8: bool = False
+    num_threads: int = 0
+    progress: bool = True
+    eval_examples: int = 200
+    eval_max_new_tokens: int = 64
+
+    # -- construction ------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict | None = None, **overrides):
+        """From a dict (e.g. a YAML file's); unknown keys raise a ``ValueError`` naming them."""
+        d = {**(d or {}), **overrides}
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; valid: {sorted(names)}")
+        cfg = cls(**d)
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike | None = None, overrides: list[str] | None = None):
+        """From a YAML file (optional) and ``key=value`` overrides (values parsed as YAML, so
+        ``lr=3e-4``, ``fp8=true``, ``reward_funcs=[accuracy,format]`` work)."""
+        d: dict = {}
+        if path is not None:
+            with open(path, encoding="utf-8") as f:
+                d = yaml_load(f) or {}
+            if not isinstance(d, dict):
+                raise ValueError(f"{cls.__name__}.from_yaml: {path} must hold a mapping, got {type(d).__name__}")
+        for item in overrides or []:
+            if "=" not in item:
+                raise ValueError(f"{cls.__name__}: override {item!r} must look like key=value")
+            k, v = item.split("=", 1)
+            d[k.strip().replace("-", "_")] = _parse_value(v.strip())
+        return cls.from_dict(d)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes):
+        cfg = dataclasses.replace(self, **changes)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """Raise a ``ValueError`` naming the first bad field."""
+        name = type(self).__name__
+
+        def need(ok: bool, field: str, what: str):
+            if not ok:
+                raise ValueError(f"{name}: `{field}` must be {what}, got {getattr(self, field)!r}")
+
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        need(is_int(self.max_steps) and self.max_steps >= 0, "max_steps", "an integer >= 0")
+        need(is_int(self.seed), "seed", "an integer")
+        need(is_num(self.max_time) and self.max_time >= 0, "max_time", "a number >= 0 (seconds; 0: none)")
+        need(is_num(self.learning_rate) and self.learning_rate >= 0, "learning_rate", "a number >= 0")
+        need(is_num(self.warmup_ratio) and 0 <= self.warmup_ratio <= 1, "warmup_ratio", "in [0, 1]")
+        need(is_num(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "in [0, 1]")
+        need(is_num(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "a number >= 0")
+        need(is_num(self.adam_beta1) and 0 <= self.adam_beta1 < 1, "adam_beta1", "in [0, 1)")
+        need(is_num(self.adam_beta2) and 0 <= self.adam_beta2 < 1, "adam_beta2", "in [0, 1)")
+        need(is_num(self.adam_epsilon) and self.adam_epsilon > 0, "adam_epsilon", "a number > 0")
+        need(is_num(self.max_grad_norm) and self.max_grad_norm >= 0, "max_grad_norm", "a number >= 0")
+        need(is_int(self.gradient_accumulation_steps) and self.gradient_accumulation_steps >= 1,
+             "gradient_accumulation_steps", "an integer >= 1")
+        for f in ("logging_steps", "eval_steps", "save_steps", "save_total_limit", "num_threads", "eval_examples"):
+            need(is_int(getattr(self, f)) and getattr(self, f) >= 0, f, "an integer >= 0")
+        need(is_int(self.eval_max_new_tokens) and self.eval_max_new_tokens >= 1, "eval_max_new_tokens",
+             "an integer >= 1")
+        need(self.dtype in ("float32", "bfloat16"), "dtype", '"float32" or "bfloat16"')
+        need(isinstance(self.fp8, bool), "fp8", "a bool")
+        need(isinstance(self.resume, (bool, str)), "resume", "a bool or a checkpoint path")
+        need(isinstance(self.output_dir, str) and self.output_dir != "", "output_dir", "a non-empty path")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# batches
+def pack_sequences(seqs: list[list[int]], labels: list[list[int]] | None = None, device=None):
+    """Pack token lists into ``(ids [T], cu_seqlens [B + 1] int32, labels [T] | None)``."""
+    lens = [len(s) for s in seqs]
+    cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
+    if seqs:
+        cu[1:] = torch.tensor(lens, dtype=torch.int64).cumsum(0).to(torch.int32)
+    ids = torch.tensor([t for s in seqs for t in s], dtype=torch.int64)
+    lab = None if labels is None else torch.tensor([t for s in labels for t in s], dtype=torch.int64)
+    if device is not None:
+        ids, cu = ids.to(device), cu.to(device)
+        lab = None if lab is None else lab.to(device)
+    return ids, cu, lab
+
+
+def completion_logits(model, prompts: list[list[int]], completions: list[list[int]]):
+    """The logits that predict each completion token given its prompt, padded to
+    ``[B, L, V]`` (L: the longest completion; float32), with the ``[B, L]`` bool mask and the
+    ``[B, L]`` target ids. One packed forward over all ``prompt + completion`` sequences."""
+    dev = model.device if hasattr(model, "device") else next(model.parameters()).device
+    seqs = [p + c for p, c in zip(prompts, completions)]
+    ids, cu, _ = pack_sequences(seqs, device=dev)
+    B = len(seqs)
+    L = max((len(c) for c in completions), default=0)
+    # the row that predicts completion token j of sequence b: start_b + len(p_b) - 1 + j
+    rows = torch.zeros(B, L, dtype=torch.int64)
+    mask = torch.zeros(B, L, dtype=torch.bool)
+    targets = torch.zeros(B, L, dtype=torch.int64)
+    starts = cu[:-1].tolist()
+    for b, (p, c) in enumerate(zip(prompts, completions)):
+        if c and not p:
+            raise ValueError(f"completion_logits: prompt {b} is empty; its completion's first token needs a "
+                             "prompt token before it (e.g. the bos token)")
+        if c:
+            s0 = starts[b] + len(p) - 1
+            rows[b, : len(c)] = torch.arange(s0, s0 + len(c))
+            mask[b, : len(c)] = True
+            targets[b, : len(c)] = torch.tensor(c, dtype=torch.int64)
+    logits = model(ids, cu).logits
+    sel = logits[rows.reshape(-1).to(dev)].view(B, L, logits.shape[-1]).float()
+    return sel, mask.to(dev), targets.to(dev)
+
+
+def sequence_logps(model, prompts: list[list[int]], completions: list[list[int]], *, with_entropy: bool = False,
+                   temperature: float = 1.0):
+    """Per-token log-probabilities ``[B, L]`` of each completion given its prompt (0 where the
+    ``[B, L]`` mask is False), the mask, and with ``with_entropy`` the per-token entropy of the
+    predicted distribution (detached). Logits are divided by ``temperature`` (the sampling
+    temperature, as TRL does)."""
+    sel, mask, targets = completion_logits(model, prompts, completions)
+    if temperature != 1.0:
+        sel = sel / temperature
+    logp_all = torch.log_softmax(sel, dim=-1)
+    logps = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1).masked_fill(~mask, 0.0)
+    if not with_entropy:
+        return logps, mask
+    with torch.no_grad():
+        ent = -(logp_all.exp() * logp_all).sum(-1).masked_fill(~mask, 0.0)
+    return logps, mask, ent
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation
+@torch.no_grad()
+def evaluate_generations(model, tokenizer, examples: list[dict], reward_funcs=("accuracy", "format"), *,
+                         max_new_tokens: int = 64, max_batch: int = 128, template_kwargs: dict | None = None,
+                         return_completions: bool = False) -> dict:
+    """Greedy completions for ``examples`` (dicts with ``prompt`` and the reward columns),
+    scored by ``reward_funcs`` (names in ``r1x.rewards.REWARD_FUNCS`` or callables).
+
+    Returns ``{"<name>": mean reward, ..., "completions/mean_length": ...}``; the first reward
+    is also reported as ``"accuracy"`` when it is named ``accuracy``/``countdown``."""
+    from r1x.data import encode_prompt
+    from r1x.rewards import get_reward_funcs
+
+    if not examples:
+        return {}
+    funcs = get_reward_funcs(list(reward_funcs))
+    prompts = [encode_prompt(ex["prompt"], tokenizer, template_kwargs) for ex in examples]
+    outs = model.generate(prompts, max_new_tokens, max_batch=max_batch)
+    texts = [decode_completion(tokenizer, o) for o in outs]
+    columns = {k: [ex.get(k) for ex in examples] for k in examples[0] if k not in ("prompt", "completion")}
+    res: dict[str, float] = {}
+    for f in funcs:
+        vals = f([ex["prompt"] for ex in examples], texts, **columns)
+        vals = [0.0 if v is None else float(v) for v in vals]
+        res[reward_name(f)] = sum(vals) / len(vals)
+    res["completions/mean_length"] = sum(len(o) for o in outs) / len(outs)
+    if return_completions:
+        res["_completions"] = texts
+    return res
+
+
+def decode_completion(tokenizer, ids) -> str:
+    """A generated completion's text: without the end-of-sequence token, and without ids the
+    tokenizer does not know (a model's vocabulary is often padded past the tokenizer's, and an
+    untrained model samples those ids too)."""
+    eos = tokenizer.eos_token_id
+    n = tokenizer.vocab_size
+    return tokenizer.decode([t for t in ids if t != eos and 0 <= t < n])
+
+
+def reward_name(f) -> str:
+    n = getattr(f, "__name__", type(f).__name__)
+    return n[: -len("_reward")] if n.endswith("_reward") else n
+
+
+# ----------------------------------------------------------------------------------------------
+# the loop
+class Trainer:
+    """The training loop shared by the stages (see the module docstring).
+
+    Subclasses implement :meth:`compute_loss` ``(step) -> (loss: float, metrics: dict)`` that
+    runs the forward and backward passes of one optimizer step (gradients accumulated in
+    ``self.model``), and may override :meth:`evaluate`, :meth:`state_extra` /
+    :meth:`load_state_extra` (more state to checkpoint), and :meth:`save_model`.
+    """
+
+    stage = "train"
+
+    def __init__(self, model, config: TrainConfig, tokenizer=None):
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f"{type(self).__name__}: `config` must be a TrainConfig, got {type(config).__name__}")
+        config.validate()
+        self.config = config
+        self.tokenizer = tokenizer
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.world = dist.World.from_env()
+        self.model = model
+        self.ddp_model = self.world.wrap(model)
+        self.optimizer = self._build_optimizer()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
+        self.step = 0
+        self.history: list[dict] = []
+        self.last_checkpoint: str | None = None
+        self._log_path = os.path.join(config.output_dir, "metrics.jsonl")
+
+    # -- optimisation ------------------------------------------------------------------------
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        cfg = self.config
+        decay, no_decay = [], []
+        for n, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            (decay if p.ndim >= 2 and "embed" not in n else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                 eps=cfg.adam_epsilon, foreach=False)
+
+    def _lr_lambda(self, step: int) -> float:
+        cfg = self.config
+        warm = int(round(cfg.warmup_ratio * cfg.max_steps))
+        if step < warm:
+            return (step + 1) / warm
+        span = max(cfg.max_steps - warm, 1)
+        progress = min((step - warm) / span, 1.0)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def compute_loss(self, step: int) -> tuple[float, dict]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def evaluate(self) -> dict:
+        return {}
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def state_extra(self) -> dict:
+        return {}
+
+    def load_state_extra(self, state: dict) -> None:
+        pass
+
+    def save_model(self, path: str) -> None:
+        """The stage's model in the HF layout (``save_pretrained``) plus the tokenizer."""
+        self.model.save_pretrained(path)
+        if self.tokenizer is not None and hasattr(self.tokenizer, "save"):
+            self.tokenizer.save(path)
+
+    def _checkpoints(self) -> list[str]:
+        d = self.config.output_dir
+        if not os.path.isdir(d):
+            return []
+        found = []
+        for n in os.listdir(d):
+            if n.startswith(CHECKPOINT_PREFIX) and n[len(CHECKPOINT_PREFIX):].isdigit():
+                if os.path.exists(os.path.join(d, n, STATE_FILE)):
+                    found.append((int(n[len(CHECKPOINT_PREFIX):]), os.path.join(d, n)))
+        return [p for _, p in sorted(found)]
+
+    def _remove_stale(self, checkpoints: bool) -> None:
+        """Remove the temporary folders of checkpoints whose writing was cut short (and with
+        ``checkpoints`` the checkpoints themselves) from ``output_dir``."""
+        d = self.config.output_dir
+        if not os.path.isdir(d):
+            return
+        for n in sorted(os.listdir(d)):
+            step, _, tmp = n[len(CHECKPOINT_PREFIX):].partition(".tmp-")
+            if not (n.startswith(CHECKPOINT_PREFIX) and step.isdigit()) or not (tmp or checkpoints):
+                continue
+            if not tmp:
+                self.log_line(f"fresh run: removing {os.path.join(d, n)} of an earlier run")
+            shutil.rmtree(os.path.join(d, n), ignore_errors=True)
+
+    def save_checkpoint(self) -> str:
+        """Write ``output_dir/checkpoint-<step>`` atomically: everything goes to a temporary
+        folder first, which is then renamed (a crash leaves the previous checkpoint intact)."""
+        path = os.path.join(self.config.output_dir, f"{CHECKPOINT_PREFIX}{self.step}")
+        if self.world.is_main:
+            tmp = path + f".tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+            state = {
+                "step": self.step,
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "history": self.history,
+                "config": _portable(self.config.to_dict()),
+                "extra": self.state_extra(),
+                "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+            }
+            torch.save(state, os.path.join(tmp, STATE_FILE))
+            self.model.config.to_json_file(os.path.join(tmp, "config.json"))
+            if os.path.exists(path):
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+            limit = self.config.save_total_limit
+            if limit:
+                for old in self._checkpoints()[:-limit]:
+                    shutil.rmtree(old, ignore_errors=True)
+        self.world.barrier()
+        self.last_checkpoint = path
+        return path
+
+    def load_checkpoint(self, path: str) -> None:
+        state = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.history = list(state["history"])
+        self.step = int(state["step"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        self.load_state_extra(state["extra"])
+        self.last_checkpoint = path
+
+    def _resume(self) -> None:
+        r = self.config.resume
+        if not r:
+            return
+        path = r if isinstance(r, str) else (self._checkpoints() or [None])[-1]
+        if path is None:
+            self.log_line(f"resume: no checkpoint in {self.config.output_dir}; starting fresh")
+            return
+        if not os.path.exists(os.path.join(path, STATE_FILE)):
+            raise FileNotFoundError(f"{type(self).__name__}: `resume` = {path!r} holds no {STATE_FILE}")
+        self.load_checkpoint(path)
+        # the metrics file continues from the checkpoint: drop lines logged after it
+        if self.world.is_main:
+            self._remove_stale(checkpoints=False)
+            keep = [json.dumps(h) for h in self.history]
+            _atomic_write(self._log_path, "".join(k + "\n" for k in keep))
+        self.log_line(f"resumed from {path} at step {self.step}")
+
+    # -- logging -------------------------------------------------------------------------------
+    def log_line(self, text: str) -> None:
+        if self.world.is_main:
+            print(f"[{self.stage}] {text}", file=sys.stderr, flush=True)
+
+    def _log(self, record: dict) -> None:
+        self.history.append(record)
+        if self.world.is_main:
+            os.makedirs(self.config.output_dir, exist_ok=True)
+            with open(self._log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # -- the loop ------------------------------------------------------------------------------
+    def train(self) -> list[dict]:
+        """Run ``max_steps`` optimizer steps (from the checkpoint with ``resume``); returns the
+        logged records (also in ``output_dir/metrics.jsonl``). The final model is saved to
+        ``output_dir/final``."""
+        cfg = self.config
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        self._resume()
+        if self.step == 0 and self.world.is_main:
+            # a fresh run replaces an earlier run's output in this folder: its metrics, and its
+            # checkpoints (a later `resume` would pick those up; the rotation would keep them)
+            self._remove_stale(checkpoints=True)
+            if os.path.exists(self._log_path):
+                os.remove(self._log_path)
+        bar = _progress(cfg.max_steps, self.step, f"{self.stage}", cfg.progress and self.world.is_main)
+        t0 = time.perf_counter()
+        self.model.train()
+        while self.step < cfg.max_steps:
+            if cfg.max_time and self.world.all_sum(float(time.perf_counter() - t0 > cfg.max_time)) > 0:
+                self.log_line(f"max_time = {cfg.max_time} s reached at step {self.step}")
+                break
+            step = self.step
+            self.optimizer.zero_grad(set_to_none=True)
+            loss, metrics = self.compute_loss(step)
+            grad_norm = self._clip()
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                what = "loss" if not math.isfinite(loss) else "gradient norm"
+                last = self.last_checkpoint or "none (no checkpoint written yet)"
+                raise NonFiniteLossError(
+                    f"{type(self).__name__}: the {what} is {loss if what == 'loss' else grad_norm} at step {step + 1} "
+                    f"(metrics.jsonl's numbering); stopped before its update. Last good checkpoint: {last}")
+            lr = self.scheduler.get_last_lr()[0]
+            self.optimizer.step()
+            self.scheduler.step()
+            self.step = step + 1
+            record = {"stage": self.stage, "step": self.step, "loss": loss, "grad_norm": grad_norm,
+                      "learning_rate": lr, **metrics}
+            if cfg.eval_steps and self.step % cfg.eval_steps == 0 and self.step < cfg.max_steps:
+                record.update({f"eval/{k}": v for k, v in self.evaluate().items()})
+            record["time"] = round(time.perf_counter() - t0, 3)
+            if self.step % max(cfg.logging_steps, 1) == 0 or self.step == cfg.max_steps or "eval/accuracy" in record:
+                self._log(record)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix({k: _short(v) for k, v in record.items() if k in self.progress_keys}, refresh=False)
+            if cfg.save_steps and self.step % cfg.save_steps == 0 and self.step < cfg.max_steps:
+                self.save_checkpoint()
+        if bar is not None:
+            bar.close()
+        self.save_checkpoint()
+        if self.world.is_main:
+            self.save_model(os.path.join(cfg.output_dir, "final"))
+        self.world.barrier()
+        return self.history
+
+    progress_keys = ("loss",)
+
+    def _clip(self) -> float:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if not params:
+            return 0.0
+        if self.config.max_grad_norm > 0:
+            return float(torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm, foreach=False))
+        return float(torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in params])))
+
+
+def _portable(obj):
+    """``obj`` with callables (reward functions given as functions) replaced by their names:
+    a checkpoint must not pickle a function (a lambda or a local one cannot be)."""
+    if callable(obj):
+        return f"<function {getattr(obj, '__qualname__', type(obj).__name__)}>"
+    if isinstance(obj, dict):
+        return {k: _portable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_portable(v) for v in obj)
+    return obj
+
+
+def _short(v):
+    return f"{v:.4g}" if isinstance(v, float) else v
+
+
+def _progress(total: int, initial: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    return tqdm(total=total, initial=initial, desc=desc, file=sys.stderr, dynamic_ncols=True, mininterval=0.5,
+                leave=True)
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)

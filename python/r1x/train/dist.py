@@ -1,0 +1,99 @@
+"""Data parallelism for the trainers: ``torchrun --nproc_per_node N -m r1x.cli <stage> ...``.
+
+:class:`World` reads torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), starts
+the process group (gloo on the CPU, NCCL on GPUs), wraps the model in
+``DistributedDataParallel`` and gives each rank its share of the prompts. A single process is a
+world of one: nothing is wrapped and the collectives return their input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+import torch.distributed as tdist
+
+__all__ = ["World"]
+
+
+@dataclasses.dataclass
+class World:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> "World":
+        n = int(os.environ.get("WORLD_SIZE", "1"))
+        if n <= 1:
+            return cls()
+        if not tdist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            if backend == "nccl":
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            tdist.init_process_group(backend)
+        return cls(tdist.get_rank(), tdist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def device(self) -> torch.device:
+        if self.distributed and torch.cuda.is_available():
+            return torch.device("cuda", self.local_rank)
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """``DistributedDataParallel(model)`` in a world of many, else ``model``. Unused
+        parameters are allowed (experts no token picked; MTP modules in stages that don't
+        train them)."""
+        if not self.distributed:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.local_rank] if next(model.parameters()).is_cuda else None
+        return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+
+    def close(self) -> None:
+        """Wait for the other ranks, then end the process group: a process that exits with it
+        alive can abort in gloo's teardown ("terminate called without an active exception")."""
+        if self.distributed and tdist.is_initialized():
+            tdist.barrier()
+            tdist.destroy_process_group()
+
+    def barrier(self) -> None:
+        if self.distributed:
+            tdist.barrier()
+
+    def shard(self, items: list) -> list:
+        """This rank's share: items ``rank, rank + world_size, ...``."""
+        return items[self.rank:: self.world_size] if self.distributed else items
+
+    def all_mean(self, values: dict[str, float]) -> dict[str, float]:
+        """The mean over ranks of each value (same keys on every rank)."""
+        if not self.distributed or not values:
+            return values
+        keys = sorted(values)
+        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+        tdist.all_reduce(t)
+        return {k: float(v) / self.world_size for k, v in zip(keys, t.tolist())}
+
+    def all_sum(self, value: float) -> float:
+        if not self.distributed:
+            return value
+        t = torch.tensor([float(value)], dtype=torch.float64)
+        tdist.all_reduce(t)
+        return float(t.item())
+
+    def all_gather_objects(self, obj) -> list:
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world_size
+        tdist.all_gather_object(out, obj)
+        return out
