@@ -58,8 +58,38 @@ def yaml_load(stream):
     return yaml.load(stream, Loader=Loader)
 
 
-def _parse_value(text: str):
-    return yaml_load(text) if text != "" else ""
+def read_config(owner: str, path=None, overrides: list[str] | None = None) -> dict:
+    """A config's fields from a YAML file (optional) and ``key=value`` overrides, values parsed
+    as YAML (``lr=3e-4``, ``fp8=true``, ``reward_funcs=[accuracy,format]``); a dotted key
+    reaches into a nested mapping (``grpo.max_steps=50``). ``owner`` names the config in errors."""
+    d: dict = {}
+    if path:
+        with open(path, encoding="utf-8") as f:
+            d = yaml_load(f) or {}
+        if not isinstance(d, dict):
+            raise ValueError(f"{owner}.from_yaml: {path} must hold a mapping, got {type(d).__name__}")
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"{owner}: override {item!r} must look like key=value")
+        k, v = item.split("=", 1)
+        val = yaml_load(v) if v.strip() else ""
+        keys = k.strip().replace("-", "_").split(".")
+        tgt = d
+        for part in keys[:-1]:
+            tgt = tgt.setdefault(part, {})
+            if not isinstance(tgt, dict):
+                raise ValueError(f"{owner}: override {item!r}: {part!r} is not a mapping")
+        tgt[keys[-1]] = val
+    return d
+
+
+def is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_num(v) -> bool:
+    """A finite int or float (not a bool)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclasses.dataclass
@@ -132,17 +162,7 @@ class TrainConfig:
     def from_yaml(cls, path: str | os.PathLike | None = None, overrides: list[str] | None = None):
         """From a YAML file (optional) and ``key=value`` overrides (values parsed as YAML, so
         ``lr=3e-4``, ``fp8=true``, ``reward_funcs=[accuracy,format]`` work)."""
-        d: dict = {}
-        if path is not None:
-            with open(path, encoding="utf-8") as f:
-                d = yaml_load(f) or {}
-            if not isinstance(d, dict):
-                raise ValueError(f"{cls.__name__}.from_yaml: {path} must hold a mapping, got {type(d).__name__}")
-        for item in overrides or []:
-            if "=" not in item:
-                raise ValueError(f"{cls.__name__}: override {item!r} must look like key=value")
-            k, v = item.split("=", 1)
-            d[k.strip().replace("-", "_")] = _parse_value(v.strip())
+        d = read_config(cls.__name__, path, overrides)
         return cls.from_dict(d)
 
     def to_dict(self) -> dict:
@@ -153,41 +173,32 @@ class TrainConfig:
         cfg.validate()
         return cfg
 
+    def require(self, fields, ok, what: str) -> None:
+        """Raise ``ValueError("<Config>: `field` must be <what>, got ...")`` for the first of
+        ``fields`` (a name or names) whose value fails ``ok``."""
+        for f in (fields,) if isinstance(fields, str) else fields:
+            v = getattr(self, f)
+            if not ok(v):
+                raise ValueError(f"{type(self).__name__}: `{f}` must be {what}, got {v!r}")
+
     def validate(self) -> None:
         """Raise a ``ValueError`` naming the first bad field."""
-        name = type(self).__name__
-
-        def need(ok: bool, field: str, what: str):
-            if not ok:
-                raise ValueError(f"{name}: `{field}` must be {what}, got {getattr(self, field)!r}")
-
-        def is_int(v):
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        def is_num(v):
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-        need(is_int(self.max_steps) and self.max_steps >= 0, "max_steps", "an integer >= 0")
-        need(is_int(self.seed), "seed", "an integer")
-        need(is_num(self.max_time) and self.max_time >= 0, "max_time", "a number >= 0 (seconds; 0: none)")
-        need(is_num(self.learning_rate) and self.learning_rate >= 0, "learning_rate", "a number >= 0")
-        need(is_num(self.warmup_ratio) and 0 <= self.warmup_ratio <= 1, "warmup_ratio", "in [0, 1]")
-        need(is_num(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "in [0, 1]")
-        need(is_num(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "a number >= 0")
-        need(is_num(self.adam_beta1) and 0 <= self.adam_beta1 < 1, "adam_beta1", "in [0, 1)")
-        need(is_num(self.adam_beta2) and 0 <= self.adam_beta2 < 1, "adam_beta2", "in [0, 1)")
-        need(is_num(self.adam_epsilon) and self.adam_epsilon > 0, "adam_epsilon", "a number > 0")
-        need(is_num(self.max_grad_norm) and self.max_grad_norm >= 0, "max_grad_norm", "a number >= 0")
-        need(is_int(self.gradient_accumulation_steps) and self.gradient_accumulation_steps >= 1,
-             "gradient_accumulation_steps", "an integer >= 1")
-        for f in ("logging_steps", "eval_steps", "save_steps", "save_total_limit", "num_threads", "eval_examples"):
-            need(is_int(getattr(self, f)) and getattr(self, f) >= 0, f, "an integer >= 0")
-        need(is_int(self.eval_max_new_tokens) and self.eval_max_new_tokens >= 1, "eval_max_new_tokens",
+        need = self.require
+        need("max_steps", lambda v: is_int(v) and v >= 0, "an integer >= 0")
+        need("seed", is_int, "an integer")
+        need("max_time", lambda v: is_num(v) and v >= 0, "a number >= 0 (seconds; 0: none)")
+        need(("learning_rate", "weight_decay", "max_grad_norm"), lambda v: is_num(v) and v >= 0, "a number >= 0")
+        need(("warmup_ratio", "min_lr_ratio"), lambda v: is_num(v) and 0 <= v <= 1, "in [0, 1]")
+        need(("adam_beta1", "adam_beta2"), lambda v: is_num(v) and 0 <= v < 1, "in [0, 1)")
+        need("adam_epsilon", lambda v: is_num(v) and v > 0, "a number > 0")
+        need(("gradient_accumulation_steps", "eval_max_new_tokens"), lambda v: is_int(v) and v >= 1,
              "an integer >= 1")
-        need(self.dtype in ("float32", "bfloat16"), "dtype", '"float32" or "bfloat16"')
-        need(isinstance(self.fp8, bool), "fp8", "a bool")
-        need(isinstance(self.resume, (bool, str)), "resume", "a bool or a checkpoint path")
-        need(isinstance(self.output_dir, str) and self.output_dir != "", "output_dir", "a non-empty path")
+        need(("logging_steps", "eval_steps", "save_steps", "save_total_limit", "num_threads", "eval_examples"),
+             lambda v: is_int(v) and v >= 0, "an integer >= 0")
+        need("dtype", lambda v: v in ("float32", "bfloat16"), '"float32" or "bfloat16"')
+        need("fp8", lambda v: isinstance(v, bool), "a bool")
+        need("resume", lambda v: isinstance(v, (bool, str)), "a bool or a checkpoint path")
+        need("output_dir", lambda v: isinstance(v, str) and v != "", "a non-empty path")
 
     @property
     def torch_dtype(self) -> torch.dtype:

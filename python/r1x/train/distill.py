@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from r1x.train import dist
-from r1x.train.common import completion_logits, decode_completion
+from r1x.train.common import completion_logits, decode_completion, is_int, is_num
 from r1x.train.sft import SFTConfig, SFTTrainer, build_model, default_rewards, load_examples
 
 __all__ = ["generalized_jsd_loss", "forward_kl", "reverse_kl", "DistillConfig", "DistillTrainer", "teacher_samples",
@@ -195,18 +195,14 @@ class DistillConfig(SFTConfig):
             raise ValueError(f"{name}: `mode` must be one of {MODES}, got {self.mode!r}")
         if self.loss not in LOSSES:
             raise ValueError(f"{name}: `loss` must be one of {LOSSES}, got {self.loss!r}")
-        for f in ("num_prompts", "num_samples_per_prompt", "max_new_tokens"):
-            v = getattr(self, f)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name}: `{f}` must be an integer >= 1, got {v!r}")
+        self.require(("num_prompts", "num_samples_per_prompt", "max_new_tokens"), lambda v: is_int(v) and v >= 1,
+                     "an integer >= 1")
         for f, lo, hi in (("beta", 0, 1), ("on_policy_fraction", 0, 1)):
             v = getattr(self, f)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not lo <= v <= hi:
                 raise ValueError(f"{name}: `{f}` must be in [{lo}, {hi}], got {v!r}")
-        for f in ("teacher_temperature", "distill_temperature"):
-            v = getattr(self, f)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
-                raise ValueError(f"{name}: `{f}` must be a finite number >= 0, got {v!r}")
+        self.require(("teacher_temperature", "distill_temperature"), lambda v: is_num(v) and v >= 0,
+                     "a finite number >= 0")
         if self.distill_temperature == 0:
             raise ValueError(f"{name}: `distill_temperature` must be > 0")
         if self.mode == "token" and not self.completion_only_loss:
@@ -287,12 +283,18 @@ class DistillTrainer(SFTTrainer):
         if train_dataset is None:
             train_dataset = load_examples(config, "train", config.num_prompts)
         rewards = get_reward_funcs(list(default_rewards(config)))
+        # each rank samples the teacher on its share of the prompts; every rank gets all the rows
+        world = dist.World.from_env()
         t0 = time.perf_counter()
-        rows, self.teacher_stats = teacher_samples(
-            self.teacher, tokenizer, list(train_dataset), rewards, num_samples=config.num_samples_per_prompt,
-            temperature=config.teacher_temperature, max_new_tokens=config.max_new_tokens, seed=config.seed,
-            template_kwargs=config.template_kwargs)
-        self.teacher_stats["teacher/seconds"] = time.perf_counter() - t0
+        rows, stats = teacher_samples(
+            self.teacher, tokenizer, world.shard(list(train_dataset)), rewards,
+            num_samples=config.num_samples_per_prompt, temperature=config.teacher_temperature,
+            max_new_tokens=config.max_new_tokens, seed=config.seed + world.rank, template_kwargs=config.template_kwargs)
+        if world.distributed:
+            rows = [r for part in world.all_gather_objects(rows) for r in part]
+            stats = world.all_mean(stats)
+            stats["teacher/kept"] = len(rows)
+        self.teacher_stats = {**stats, "teacher/seconds": time.perf_counter() - t0}
         if not rows:
             raise NoTeacherDataError("DistillTrainer: the teacher solved none of the prompts; nothing to distil "
                                      f"({self.teacher_stats})")
@@ -303,7 +305,7 @@ class DistillTrainer(SFTTrainer):
         cfg = self.config
         if cfg.mode == "sequence":
             loss, metrics = super().compute_loss(step)
-            return loss, {**metrics, **(self.teacher_stats if step == 0 else {})}
+            return loss, {**metrics, **self.teacher_stats}
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         on_policy = bool(torch.rand((), generator=g) < cfg.on_policy_fraction)
         total = 0.0
@@ -329,5 +331,5 @@ class DistillTrainer(SFTTrainer):
                                         temperature=cfg.distill_temperature)
             (loss / cfg.gradient_accumulation_steps).backward()
             total += loss.item() / cfg.gradient_accumulation_steps
-        metrics = {"on_policy": float(on_policy), **(self.teacher_stats if step == 0 else {})}
+        metrics = {"on_policy": float(on_policy), **self.teacher_stats}
         return self.world.all_mean({"loss": total})["loss"], metrics

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from r1x.train.common import TrainConfig, Trainer, decode_completion, reward_name, sequence_logps
+from r1x.train.common import (TrainConfig, Trainer, decode_completion, is_int, is_num, reward_name,
+                              sequence_logps)
 from r1x.train.sft import ModelConfigMixin, build_model, default_rewards, epoch_order, evaluate_stage, load_examples
 
 __all__ = ["group_advantages", "grpo_loss", "GRPOConfig", "GRPOTrainer", "Rollout", "LOSS_TYPES"]
@@ -256,11 +257,8 @@ class GRPOConfig(ModelConfigMixin, TrainConfig):
     def validate(self) -> None:
         super().validate()
         name = type(self).__name__
-        for f in ("num_generations", "per_device_train_batch_size", "max_completion_length", "num_iterations",
-                  "generation_batch_size"):
-            v = getattr(self, f)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name}: `{f}` must be an integer >= 1, got {v!r}")
+        self.require(("num_generations", "per_device_train_batch_size", "max_completion_length", "num_iterations",
+                      "generation_batch_size"), lambda v: is_int(v) and v >= 1, "an integer >= 1")
         if self.per_device_train_batch_size % self.num_generations:
             raise ValueError(f"{name}: `per_device_train_batch_size` ({self.per_device_train_batch_size}) must be a "
                              f"multiple of `num_generations` ({self.num_generations})")
@@ -268,10 +266,8 @@ class GRPOConfig(ModelConfigMixin, TrainConfig):
             raise ValueError(f"{name}: `loss_type` must be one of {LOSS_TYPES}, got {self.loss_type!r}")
         if self.scale_rewards not in ("group", "batch", "none", True, False):
             raise ValueError(f'{name}: `scale_rewards` must be "group", "batch" or "none", got {self.scale_rewards!r}')
-        for f in ("epsilon_low", "epsilon_high", "beta", "temperature"):
-            v = getattr(self, f)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
-                raise ValueError(f"{name}: `{f}` must be a finite number >= 0, got {v!r}")
+        self.require(("epsilon_low", "epsilon_high", "beta", "temperature"), lambda v: is_num(v) and v >= 0,
+                     "a finite number >= 0")
         if self.temperature == 0:
             raise ValueError(f"{name}: `temperature` must be > 0 (rollouts sample; 0 would be greedy)")
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):

@@ -94,26 +94,9 @@ class PipelineConfig:
     def from_yaml(cls, path=None, overrides: list[str] | None = None) -> "PipelineConfig":
         """From a YAML file and ``key=value`` overrides; dotted keys reach into the stage
         dicts (``grpo.max_steps=50``)."""
-        from r1x.train.common import yaml_load
+        from r1x.train.common import read_config
 
-        d: dict = {}
-        if path:
-            with open(path, encoding="utf-8") as f:
-                d = yaml_load(f) or {}
-            if not isinstance(d, dict):
-                raise ValueError(f"PipelineConfig.from_yaml: {path} must hold a mapping, got {type(d).__name__}")
-        for item in overrides or []:
-            if "=" not in item:
-                raise ValueError(f"PipelineConfig: override {item!r} must look like key=value")
-            k, v = item.split("=", 1)
-            val = yaml_load(v) if v.strip() else ""
-            keys = k.strip().replace("-", "_").split(".")
-            tgt = d
-            for part in keys[:-1]:
-                tgt = tgt.setdefault(part, {})
-                if not isinstance(tgt, dict):
-                    raise ValueError(f"PipelineConfig: override {item!r}: {part!r} is not a mapping")
-            tgt[keys[-1]] = val
+        d = read_config("PipelineConfig", path, overrides)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from r1x.train.common import TrainConfig, Trainer, evaluate_generations
+from r1x.train.common import TrainConfig, Trainer, evaluate_generations, is_int
 
 __all__ = ["SFTConfig", "SFTTrainer", "ModelConfigMixin", "build_model", "load_examples", "epoch_order"]
 
@@ -55,17 +55,9 @@ class ModelConfigMixin:
 
     def validate(self) -> None:
         super().validate()  # TrainConfig's (the stage configs list this mixin first)
-        name = type(self).__name__
-        for f in ("model", "dataset"):
-            v = getattr(self, f)
-            if not isinstance(v, str) or not v:
-                raise ValueError(f"{name}: `{f}` must be a non-empty string, got {v!r}")
-        for f in ("model_overrides", "task_kwargs"):
-            if not isinstance(getattr(self, f), dict):
-                raise ValueError(f"{name}: `{f}` must be a mapping, got {getattr(self, f)!r}")
-        v = self.num_train_examples
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{name}: `num_train_examples` must be an integer >= 1, got {v!r}")
+        self.require(("model", "dataset"), lambda v: isinstance(v, str) and v != "", "a non-empty string")
+        self.require(("model_overrides", "task_kwargs"), lambda v: isinstance(v, dict), "a mapping")
+        self.require("num_train_examples", lambda v: is_int(v) and v >= 1, "an integer >= 1")
 
 
 @dataclasses.dataclass
@@ -85,10 +77,8 @@ class SFTConfig(ModelConfigMixin, TrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        for f in ("per_device_train_batch_size", "max_length", "num_train_examples"):
-            v = getattr(self, f)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{type(self).__name__}: `{f}` must be an integer >= 1, got {v!r}")
+        self.require(("per_device_train_batch_size", "max_length", "num_train_examples"),
+                     lambda v: is_int(v) and v >= 1, "an integer >= 1")
 
 
 def build_model(cfg, device=None):
