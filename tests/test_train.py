@@ -702,7 +702,7 @@ def test_distill_sequence_oracle_and_errors(tmp_path):
     (GRPOConfig, "num_generations", 0), (GRPOConfig, "per_device_train_batch_size", 6),
     (GRPOConfig, "loss_type", "ppo"), (GRPOConfig, "scale_rewards", "max"), (GRPOConfig, "beta", -0.1),
     (GRPOConfig, "temperature", 0), (GRPOConfig, "top_p", 0), (GRPOConfig, "top_k", -1),
-    (GRPOConfig, "num_iterations", 0),
+    (GRPOConfig, "num_iterations", 0), (SFTConfig, "device", "tpu"), (GRPOConfig, "device", 0),
     (DistillConfig, "mode", "logits"), (DistillConfig, "loss", "kl"), (DistillConfig, "on_policy_fraction", 2),
     (DistillConfig, "distill_temperature", 0), (DistillConfig, "num_samples_per_prompt", 0),
 ])

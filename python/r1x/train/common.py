@@ -118,6 +118,8 @@ class TrainConfig:
         num_threads: torch threads on the CPU (0: leave as is).
         progress: show a progress bar.
         eval_examples, eval_max_new_tokens: the held-out evaluation's size and length.
+        device: ``"auto"`` (this process's GPU when there is one: ``LOCAL_RANK``'s under
+            torchrun; else the CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
     """
 
     output_dir: str = "r1x-out"
@@ -144,6 +146,7 @@ class TrainConfig:
     progress: bool = True
     eval_examples: int = 200
     eval_max_new_tokens: int = 64
+    device: str = "auto"
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -199,10 +202,19 @@ class TrainConfig:
         need("fp8", lambda v: isinstance(v, bool), "a bool")
         need("resume", lambda v: isinstance(v, (bool, str)), "a bool or a checkpoint path")
         need("output_dir", lambda v: isinstance(v, str) and v != "", "a non-empty path")
+        need("device", lambda v: isinstance(v, str) and (v in ("auto", "cpu", "cuda") or v.startswith("cuda:")),
+             '"auto", "cpu", "cuda" or "cuda:N"')
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.dtype)
+
+
+def resolve_device(config: TrainConfig, world=None) -> torch.device:
+    """The device a stage runs on (see :attr:`TrainConfig.device`)."""
+    if config.device != "auto":
+        return torch.device(config.device)
+    return (world or dist.World.from_env()).device
 
 
 # ----------------------------------------------------------------------------------------------
@@ -335,7 +347,7 @@ class Trainer:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.world = dist.World.from_env()
-        self.model = model
+        self.model = model.to(resolve_device(config, self.world))
         self.ddp_model = self.world.wrap(model)
         self.optimizer = self._build_optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from r1x.train import dist
-from r1x.train.common import completion_logits, decode_completion, is_int, is_num
+from r1x.train.common import completion_logits, decode_completion, is_int, is_num, resolve_device
 from r1x.train.sft import SFTConfig, SFTTrainer, build_model, default_rewards, load_examples
 
 __all__ = ["generalized_jsd_loss", "forward_kl", "reverse_kl", "DistillConfig", "DistillTrainer", "teacher_samples",
@@ -279,7 +279,7 @@ class DistillTrainer(SFTTrainer):
             from r1x.model.tokenizer import ByteTokenizer
 
             tokenizer = ByteTokenizer()
-        self.teacher = teacher_model.eval().requires_grad_(False)
+        self.teacher = teacher_model.to(resolve_device(config)).eval().requires_grad_(False)
         if train_dataset is None:
             train_dataset = load_examples(config, "train", config.num_prompts)
         rewards = get_reward_funcs(list(default_rewards(config)))

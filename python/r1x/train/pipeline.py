@@ -152,7 +152,8 @@ def _evaluate(path: str, cfg: PipelineConfig, examples: list[dict], rewards) -> 
     from r1x.model.tokenizer import load_tokenizer
     from r1x.train.common import evaluate_generations
 
-    model = DeepSeekForCausalLM.from_pretrained(_final(path), dtype=getattr(torch, cfg.dtype))
+    model = DeepSeekForCausalLM.from_pretrained(_final(path), dtype=getattr(torch, cfg.dtype),
+                                                device="cuda" if torch.cuda.is_available() else "cpu")
     res = evaluate_generations(model, load_tokenizer(_final(path)), examples, rewards,
                                max_new_tokens=cfg.eval_max_new_tokens)
     res["parameters"] = model.num_parameters(include_mtp=False)
