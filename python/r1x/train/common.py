@@ -58,6 +58,18 @@ def yaml_load(stream):
     return yaml.load(stream, Loader=Loader)
 
 
+def build_config(cls, d: dict):
+    """``cls(**d)``, validated; keys that are not ``cls``'s fields raise a ``ValueError``
+    naming them."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; valid: {sorted(names)}")
+    cfg = cls(**d)
+    cfg.validate()
+    return cfg
+
+
 def read_config(owner: str, path=None, overrides: list[str] | None = None) -> dict:
     """A config's fields from a YAML file (optional) and ``key=value`` overrides, values parsed
     as YAML (``lr=3e-4``, ``fp8=true``, ``reward_funcs=[accuracy,format]``); a dotted key
@@ -152,14 +164,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict | None = None, **overrides):
         """From a dict (e.g. a YAML file's); unknown keys raise a ``ValueError`` naming them."""
-        d = {**(d or {}), **overrides}
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; valid: {sorted(names)}")
-        cfg = cls(**d)
-        cfg.validate()
-        return cfg
+        return build_config(cls, {**(d or {}), **overrides})
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike | None = None, overrides: list[str] | None = None):

@@ -94,16 +94,9 @@ class PipelineConfig:
     def from_yaml(cls, path=None, overrides: list[str] | None = None) -> "PipelineConfig":
         """From a YAML file and ``key=value`` overrides; dotted keys reach into the stage
         dicts (``grpo.max_steps=50``)."""
-        from r1x.train.common import read_config
+        from r1x.train.common import build_config, read_config
 
-        d = read_config("PipelineConfig", path, overrides)
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"PipelineConfig: unknown field(s) {unknown}; valid: {sorted(names)}")
-        cfg = cls(**d)
-        cfg.validate()
-        return cfg
+        return build_config(cls, read_config("PipelineConfig", path, overrides))
 
     def validate(self) -> None:
         """Build every stage's config (and the student's model config) now, so that a bad or
