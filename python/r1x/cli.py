@@ -2,7 +2,7 @@
 
     r1x pipeline [--config FILE] [--output-dir DIR] [--resume] [key=value ...]
                              the R1 recipe: SFT cold start -> GRPO -> distillation (default:
-                             the tiny model on 3-digit arithmetic, about 8 minutes on 2 CPU cores)
+                             the tiny model on 3-digit arithmetic, about 7 minutes on 2 CPU cores)
     r1x sft|grpo|distill [--config FILE] [--output-dir DIR] [--resume] [key=value ...]
                              one stage (torchrun --nproc_per_node N -m r1x.cli ... for DDP)
     r1x info                 what r1x was built with and what this machine offers

@@ -29,7 +29,7 @@ import torch
 __all__ = ["PipelineConfig", "run_pipeline", "DEFAULTS"]
 
 # The embedded default: the tiny model on 3-digit arithmetic, sized for a 2-core CPU (about
-# 8 minutes there). Keys are the stage configs' fields.
+# 7 minutes there). Keys are the stage configs' fields.
 DEFAULTS: dict[str, dict] = {
     # the cold start: reference scratchpads, one pass over ~20k problems
     "sft": dict(num_train_examples=20000, max_steps=1000, per_device_train_batch_size=32, learning_rate=3e-3,
