@@ -270,3 +270,18 @@ def test_ddp_trainers_keep_ranks_in_step(tmp_path):
     assert any(g > 0 for g in r0["grad_norm"])  # rank 0's groups did train
     for stage, n in (("sft", 3), ("grpo", 3)):
         assert [r["step"] for r in read_jsonl(tmp_path / stage / "metrics.jsonl")] == list(range(1, n + 1))
+
+
+def test_pipeline_grpo_rewards_per_task():
+    from r1x.train.pipeline import GRPO_REWARDS, PipelineConfig
+
+    c = PipelineConfig()
+    for stage in ("grpo", "baseline_grpo"):
+        d = c.stage_dict(stage)
+        assert d["reward_funcs"] == GRPO_REWARDS["arithmetic"]["reward_funcs"]
+        assert d["reward_weights"] == GRPO_REWARDS["arithmetic"]["reward_weights"]
+    assert "reward_funcs" not in c.stage_dict("sft") and "reward_funcs" not in c.stage_dict("distill")
+    # another task, or the user's own rewards: no shaping added
+    assert "reward_funcs" not in PipelineConfig(dataset="countdown").stage_dict("grpo")
+    d = PipelineConfig(grpo={"reward_funcs": ["accuracy"]}).stage_dict("grpo")
+    assert d["reward_funcs"] == ["accuracy"] and "reward_weights" not in d

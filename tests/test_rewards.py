@@ -430,7 +430,7 @@ def test_repetition_penalty_errors():
 # ----------------------------------------------------------------------------- registry / combine
 
 def test_registry():
-    assert set(REWARD_FUNCS) == {"accuracy", "format", "tag_count", "countdown", "length", "repetition"}
+    assert set(REWARD_FUNCS) == {"accuracy", "format", "tag_count", "countdown", "scratchpad", "length", "repetition"}
     assert REWARD_FUNCS["accuracy"] is accuracy_reward
     funcs = get_reward_funcs(["accuracy", format_reward, "repetition"])
     assert funcs[:2] == [accuracy_reward, format_reward] and funcs[2].__name__ == "repetition_penalty"
@@ -440,7 +440,7 @@ def test_registry():
     with pytest.raises(TypeError, match="names"):
         get_reward_funcs(3)
     for f in REWARD_FUNCS.values():
-        out = f(["p"], [wrap("1")], answer=["1"], numbers=[[1]], target=[1], other=["x"])
+        out = f(["p"], [wrap("1")], answer=["1"], numbers=[[1]], target=[1], a=[1], b=[0], op=["+"], other=["x"])
         assert len(out) == 1 and isinstance(out[0], float)
 
 
@@ -480,3 +480,37 @@ def test_combine_rewards_errors():
         combine_rewards(["format"], None, None)
     with pytest.raises(ValueError):
         combine_rewards([lambda prompts, completions, **kw: [1.0]], None, None, ["a", "b"])
+
+
+# --------------------------------------------------------------------------------------------
+# scratchpad_reward (process reward of the arithmetic task)
+def test_scratchpad_reward_counts_right_steps_in_place():
+    from r1x.data import load_dataset
+
+    rows = load_dataset("arithmetic", "train", n=200, seed=7, ops="+-*")
+    cols = {k: [r[k] for r in rows] for k in ("a", "b", "op")}
+    # the reference completions: every step right
+    assert rewards.scratchpad_reward(None, [r["completion"] for r in rows], **cols) == [1.0] * len(rows)
+    for r in rows[:60]:
+        think = r["completion"][len("<think>"): r["completion"].index("</think>")]
+        steps = think.split(",")
+        for i in range(len(steps)):
+            bad = list(steps)
+            bad[i] = bad[i] + "7"  # one step wrong
+            text = "<think>" + ",".join(bad) + "</think><answer>" + r["answer"] + "</answer>"
+            got = rewards.scratchpad_reward(None, [text], a=[r["a"]], b=[r["b"]], op=[r["op"]])[0]
+            assert got == pytest.approx((len(steps) - 1) / len(steps))
+        # steps shifted by one place earn nothing for the shifted ones
+        shifted = "<think>x," + think + "</think>"
+        assert rewards.scratchpad_reward(None, [shifted], a=[r["a"]], b=[r["b"]], op=[r["op"]])[0] < 1.0
+    # no think block, or an unclosed one: 0
+    assert rewards.scratchpad_reward(None, ["<answer>5</answer>", "<think>2+3=5>5"], a=[2, 2], b=[3, 3],
+                                     op=["+", "+"]) == [0.0, 0.0]
+    assert "scratchpad" in rewards.REWARD_FUNCS
+
+
+def test_scratchpad_reward_bad_columns():
+    with pytest.raises(ValueError, match="op"):
+        rewards.scratchpad_reward(None, ["<think>1</think>"], a=[1], b=[2], op=["/"])
+    with pytest.raises(ValueError, match="a"):
+        rewards.scratchpad_reward(None, ["x", "y"], a=[1], b=[2, 3], op=["+", "+"])

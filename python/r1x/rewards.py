@@ -512,11 +512,44 @@ def get_repetition_penalty(ngram_size: int = 3, max_penalty: float = -1.0) -> Ca
 
 # ----------------------------------------------------------------------------- registry
 
+
+def scratchpad_reward(prompts, completions, a, b, op, **kw) -> list[float]:
+    """The share of the arithmetic task's scratchpad steps that are right, in place: the
+    ``<think>`` part is split at commas and step ``i`` is compared with step ``i`` of the
+    reference pad of ``a op b`` (:func:`r1x.data.tasks.add_scratchpad` and its siblings).
+
+    A process reward checked by rule, for shaping next to :func:`accuracy_reward`: a sample
+    that gets two of three digit steps right scores above one that gets none, where the
+    outcome reward gives both 0. No ``<think>...</think>``: 0. Columns ``a``, ``b``, ``op``
+    are the ``arithmetic`` task's."""
+    from r1x.data.tasks import add_scratchpad, mul_scratchpad, sub_scratchpad
+
+    texts = _texts(completions)
+    n = len(texts)
+    a, b, op = _column(a, "a", n), _column(b, "b", n), _column(op, "op", n)
+    pads = {"+": add_scratchpad, "-": sub_scratchpad, "*": mul_scratchpad}
+    out = []
+    for text, x, y, o in zip(texts, a, b, op):
+        if o not in pads or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (x, y)):
+            raise ValueError(f"scratchpad_reward: need non-negative int `a`, `b` and `op` in '+-*', got {x!r} {o!r} {y!r}")
+        ref = pads[o](x, y).split(",")
+        m = _THINK_RE.search(text)
+        if m is None:
+            out.append(0.0)
+            continue
+        got = m.group(1).strip().split(",")
+        out.append(sum(g.strip() == r for g, r in zip(got, ref)) / len(ref))
+    return out
+
+
+_THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
+
 REWARD_FUNCS: dict[str, Callable] = {
     "accuracy": accuracy_reward,
     "format": format_reward,
     "tag_count": tag_count_reward,
     "countdown": countdown_reward,
+    "scratchpad": scratchpad_reward,
     "length": get_length_penalty(4096),
     "repetition": get_repetition_penalty(),
 }

