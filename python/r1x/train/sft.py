@@ -221,9 +221,19 @@ def evaluate_stage(trainer) -> dict:
     cfg = trainer.config
     if trainer.eval_dataset is None:
         trainer.eval_dataset = load_examples(cfg, "test", cfg.eval_examples)
+    from r1x.rewards import get_reward_funcs
+    from r1x.train.common import reward_name
+
     data = trainer.world.shard(trainer.eval_dataset[: cfg.eval_examples])
     was = trainer.model.training
     res = evaluate_generations(trainer.model, trainer.tokenizer, data, trainer.reward_funcs,
                                max_new_tokens=cfg.eval_max_new_tokens, template_kwargs=cfg.template_kwargs)
     trainer.model.train(was)
-    return trainer.world.all_mean(res)
+    if not trainer.world.distributed:
+        return res
+    # a mean over all ranks' examples, weighted by each rank's count; every rank sends the same
+    # keys, also one whose share is empty (fewer examples than ranks)
+    keys = [reward_name(f) for f in get_reward_funcs(list(trainer.reward_funcs))] + ["completions/mean_length"]
+    tot = trainer.world.all_mean({**{k: res.get(k, 0.0) * len(data) for k in keys}, "_n": float(len(data))})
+    n = tot.pop("_n")
+    return {k: v / n for k, v in tot.items()} if n else {}
