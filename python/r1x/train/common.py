@@ -24,14 +24,14 @@ import random
 import shutil
 import sys
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from r1x.train import dist
 
 __all__ = ["TrainConfig", "Trainer", "NonFiniteLossError", "evaluate_generations", "pack_sequences",
-           "sequence_logps", "completion_logits", "reward_name", "decode_completion", "yaml_load",
+           "sequence_logps", "completion_logits", "reward_name", "decode_completion", "sample_completions", "Samples", "yaml_load",
            "CHECKPOINT_PREFIX"]
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -293,27 +293,49 @@ def evaluate_generations(model, tokenizer, examples: list[dict], reward_funcs=("
     """Greedy completions for ``examples`` (dicts with ``prompt`` and the reward columns),
     scored by ``reward_funcs`` (names in ``r1x.rewards.REWARD_FUNCS`` or callables).
 
-    Returns ``{"<name>": mean reward, ..., "completions/mean_length": ...}``; the first reward
-    is also reported as ``"accuracy"`` when it is named ``accuracy``/``countdown``."""
-    from r1x.data import encode_prompt
+    Returns ``{"<name>": mean reward, ..., "completions/mean_length": ...}`` (``<name>``: the
+    function's name without ``_reward``)."""
     from r1x.rewards import get_reward_funcs
 
     if not examples:
         return {}
     funcs = get_reward_funcs(list(reward_funcs))
-    prompts = [encode_prompt(ex["prompt"], tokenizer, template_kwargs) for ex in examples]
-    outs = model.generate(prompts, max_new_tokens, max_batch=max_batch)
-    texts = [decode_completion(tokenizer, o) for o in outs]
-    columns = {k: [ex.get(k) for ex in examples] for k in examples[0] if k not in ("prompt", "completion")}
+    rows, _, outs, texts, columns = sample_completions(model, tokenizer, examples, max_new_tokens,
+                                                       template_kwargs=template_kwargs, max_batch=max_batch)
     res: dict[str, float] = {}
     for f in funcs:
-        vals = f([ex["prompt"] for ex in examples], texts, **columns)
+        vals = f([r["prompt"] for r in rows], texts, **columns)
         vals = [0.0 if v is None else float(v) for v in vals]
         res[reward_name(f)] = sum(vals) / len(vals)
     res["completions/mean_length"] = sum(len(o) for o in outs) / len(outs)
     if return_completions:
         res["_completions"] = texts
     return res
+
+
+class Samples(NamedTuple):
+    """:func:`sample_completions`' result, one entry per row."""
+
+    rows: list[dict]  # the examples, each repeated num_samples times (one prompt's samples: a group)
+    prompt_ids: list[list[int]]  # the templated prompts' token ids
+    outs: list[list[int]]  # the new token ids (a stop token included)
+    texts: list[str]  # their text (decode_completion)
+    columns: dict[str, list]  # the reward columns: every key but "prompt" and "completion"
+
+
+def sample_completions(model, tokenizer, examples: list[dict], max_new_tokens: int, *, num_samples: int = 1,
+                       template_kwargs: dict | None = None, **generate_kwargs) -> Samples:
+    """Generate ``num_samples`` completions for each example's ``prompt`` (in the chat
+    template), ready for the reward functions (see :class:`Samples`). ``generate_kwargs`` go to
+    ``model.generate``."""
+    from r1x.data import encode_prompt
+
+    enc = [encode_prompt(ex["prompt"], tokenizer, template_kwargs) for ex in examples]
+    prompt_ids = [p for p in enc for _ in range(num_samples)]
+    outs = model.generate(prompt_ids, max_new_tokens, **generate_kwargs)
+    rows = [ex for ex in examples for _ in range(num_samples)]
+    columns = {k: [r.get(k) for r in rows] for k in (rows[0] if rows else {}) if k not in ("prompt", "completion")}
+    return Samples(rows, prompt_ids, outs, [decode_completion(tokenizer, o) for o in outs], columns)
 
 
 def decode_completion(tokenizer, ids) -> str:
@@ -326,7 +348,8 @@ def decode_completion(tokenizer, ids) -> str:
 
 
 def reward_name(f) -> str:
-    n = getattr(f, "__name__", type(f).__name__)
+    """A reward function's (or a function name's) metric name: without ``_reward``."""
+    n = f if isinstance(f, str) else getattr(f, "__name__", type(f).__name__)
     return n[: -len("_reward")] if n.endswith("_reward") else n
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from r1x.train import dist
-from r1x.train.common import completion_logits, decode_completion, is_int, is_num, resolve_device
+from r1x.train.common import completion_logits, is_int, is_num, resolve_device, sample_completions
 from r1x.train.sft import SFTConfig, SFTTrainer, build_model, default_rewards, load_examples
 
 __all__ = ["generalized_jsd_loss", "forward_kl", "reverse_kl", "DistillConfig", "DistillTrainer", "teacher_samples",
@@ -220,16 +220,10 @@ def teacher_samples(teacher, tokenizer, examples: list[dict], reward_funcs, *, n
     """Sequence-level distillation data: ``num_samples`` teacher completions per example,
     kept when every reward function gives it its full score (1), one copy of each distinct
     completion per prompt. Returns ``(rows [{"prompt", "completion", ...}], stats)``."""
-    from r1x.data import encode_prompt
-
-    k = 1 if temperature == 0 else num_samples
-    enc = [encode_prompt(ex["prompt"], tokenizer, template_kwargs) for ex in examples]
-    prompts = [p for p in enc for _ in range(k)]
-    outs = teacher.generate(prompts, max_new_tokens, temperature=temperature, seed=seed, max_batch=max_batch)
+    rows, _, outs, texts, columns = sample_completions(
+        teacher, tokenizer, examples, max_new_tokens, num_samples=1 if temperature == 0 else num_samples,
+        template_kwargs=template_kwargs, temperature=temperature, seed=seed, max_batch=max_batch)
     eos = tokenizer.eos_token_id
-    texts = [decode_completion(tokenizer, o) for o in outs]
-    rows = [ex for ex in examples for _ in range(k)]
-    columns = {c: [r.get(c) for r in rows] for c in rows[0] if c not in ("prompt", "completion")}
     ok = [True] * len(texts)
     for f in reward_funcs:
         vals = f([r["prompt"] for r in rows], texts, **columns)

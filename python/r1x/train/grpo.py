@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from r1x.train.common import (TrainConfig, Trainer, decode_completion, is_int, is_num, reward_name,
+from r1x.train.common import (TrainConfig, Trainer, is_int, is_num, reward_name, sample_completions,
                               sequence_logps)
 from r1x.train.sft import ModelConfigMixin, build_model, default_rewards, epoch_order, evaluate_stage, load_examples
 
@@ -330,7 +330,7 @@ class GRPOTrainer(Trainer):
         if len(w) != len(self.reward_funcs):
             raise ValueError(f"GRPOTrainer: `reward_weights` has {len(w)} entries for {len(self.reward_funcs)} "
                              "reward functions")
-        self.reward_weights = torch.tensor([float(x) for x in w], dtype=torch.float32)
+        self.reward_weights = [float(x) for x in w]
         if train_dataset is None:
             train_dataset = load_examples(config, "train", config.num_train_examples)
         if not train_dataset:
@@ -368,34 +368,28 @@ class GRPOTrainer(Trainer):
 
     @torch.no_grad()
     def rollout(self, rollout_idx: int) -> Rollout:
-        from r1x.data import encode_prompt
+        from r1x.rewards import combine_rewards
 
         cfg = self.config
         G = cfg.num_generations
         tok = self.tokenizer
         eos = tok.eos_token_id
         examples = self._prompts_for(rollout_idx)
-        enc = [encode_prompt(ex["prompt"], tok, cfg.template_kwargs) for ex in examples]
-        prompts = [p for p in enc for _ in range(G)]
-        outs = self.model.generate(prompts, cfg.max_completion_length, temperature=cfg.temperature, top_p=cfg.top_p,
-                                   top_k=cfg.top_k, seed=(cfg.seed * 1_000_003 + rollout_idx) * 64 + self.world.rank,
-                                   max_batch=cfg.generation_batch_size)
+        rows, prompts, outs, texts, columns = sample_completions(
+            self.model, tok, examples, cfg.max_completion_length, num_samples=G, template_kwargs=cfg.template_kwargs,
+            temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+            seed=(cfg.seed * 1_000_003 + rollout_idx) * 64 + self.world.rank, max_batch=cfg.generation_batch_size)
         self.model.train()
-        texts = [decode_completion(tok, o) for o in outs]
         truncated = [not (o and o[-1] == eos) for o in outs]
-        rows = [ex for ex in examples for _ in range(G)]
-        columns = {k: [r.get(k) for r in rows] for k in rows[0] if k not in ("prompt", "completion")}
-        raw = []
+        total, per_func = combine_rewards(self.reward_funcs, self.reward_weights,
+                                          [r["prompt"] for r in rows], texts, **columns)
         metrics: dict[str, float] = {}
-        for f in self.reward_funcs:
-            vals = f([r["prompt"] for r in rows], texts, **columns)
+        for name, vals in per_func.items():
             v = torch.tensor([float("nan") if x is None else float(x) for x in vals], dtype=torch.float32)
-            raw.append(v)
-            name = reward_name(f)
+            name = reward_name(name)
             metrics[f"rewards/{name}/mean"] = float(torch.nanmean(v))
             metrics[f"rewards/{name}/std"] = float(v[~v.isnan()].std()) if (~v.isnan()).sum() > 1 else 0.0
-        per_func = torch.stack(raw, dim=1)  # [N, F]
-        rewards = (per_func.nan_to_num(0.0) * self.reward_weights).sum(1)
+        rewards = torch.tensor(total, dtype=torch.float32)
         adv = group_advantages(rewards, G, cfg.scale_rewards)
         grouped = rewards.view(-1, G)
         std = grouped.std(dim=1) if G > 1 else torch.zeros(grouped.shape[0])
