@@ -306,6 +306,45 @@ def test_test_fraction_is_respected():
         assert abs(share - frac) < 0.04, (frac, share)
 
 
+def test_scratchpad_and_flawed_fractions():
+    seed = SESSION_SEED % 10_000
+    clean = ArithmeticTask(ops="+-*").dataset("train", 3000, seed=seed)
+    for frac, flawed in ((0.0, 0.0), (0.3, 0.0), (1.0, 0.5), (0.6, 1.0)):
+        task = ArithmeticTask(ops="+-*", scratchpad_fraction=frac, flawed_fraction=flawed)
+        rows = task.dataset("train", 3000, seed=seed)
+        # the same problems, answers and split: only the completions change
+        assert [(r["prompt"], r["answer"]) for r in rows] == [(r["prompt"], r["answer"]) for r in clean]
+        pairs = lambda t: [(r["prompt"], r["answer"]) for r in t.dataset("test", 50, seed=seed)]  # noqa: E731
+        assert pairs(task) == pairs(ArithmeticTask(ops="+-*"))
+        direct = [r for r in rows if r["completion"].startswith("<think></think>")]
+        assert abs(len(direct) / len(rows) - (1 - frac)) < 0.04
+        for r in direct:
+            assert r["completion"] == f"<think></think><answer>{r['answer']}</answer>"
+        worked = [r for r in rows if not r["completion"].startswith("<think></think>")]
+        wrong = 0
+        for r in worked:
+            think, said = split_completion(r["completion"])
+            right = {"+": add_scratchpad, "-": sub_scratchpad, "*": mul_scratchpad}[r["op"]](r["a"], r["b"])
+            if think != right:  # a flawed pad: the no-carry solver's, its own answer stated
+                bad = {"+": add_scratchpad, "-": sub_scratchpad, "*": mul_scratchpad}[r["op"]](
+                    r["a"], r["b"], forget_carry=True)
+                assert think == bad and said == bad.rsplit(">", 1)[1]
+                wrong += said != r["answer"]
+            else:
+                assert said == r["answer"]
+        if flawed == 0.0:
+            assert wrong == 0 and all(r["completion"] == c["completion"] for r, c in zip(rows, clean)
+                                      if not r["completion"].startswith("<think></think>"))
+        else:  # a carry is due in most multi-digit problems
+            assert wrong / len(worked) > 0.3 * flawed
+    # the flawed pads by hand
+    assert add_scratchpad(372, 459, forget_carry=True) == "2+9=11>1,7+5=12>21,3+4=7>721"
+    assert sub_scratchpad(372, 159, forget_carry=True) == "12-9=3>3,7-5=2>23,3-1=2>223"
+    assert sub_scratchpad(159, 372, forget_carry=True) == "159<372,12-9=3>3,7-5=2>23,3-1=2>-223"
+    assert mul_scratchpad(372, 7, forget_carry=True) == "2*7=14>4,7*7=49>94,3*7=21>2194"
+    assert add_scratchpad(12, 34, forget_carry=True) == add_scratchpad(12, 34)  # no carry due
+
+
 def test_small_problem_space_repeats_instead_of_looping():
     task = ArithmeticTask(min_digits=1, max_digits=1, ops="+")  # 55 problems in all
     rows = task.dataset("train", 300, seed=1)
@@ -350,6 +389,10 @@ def test_registry():
     ("arithmetic", {"ops": "+/"}, "ops"),
     ("arithmetic", {"ops": ""}, "ops"),
     ("arithmetic", {"test_fraction": 1.0}, "test_fraction"),
+    ("arithmetic", {"scratchpad_fraction": 1.5}, "scratchpad_fraction"),
+    ("arithmetic", {"scratchpad_fraction": True}, "scratchpad_fraction"),
+    ("arithmetic", {"flawed_fraction": -0.1}, "flawed_fraction"),
+    ("arithmetic", {"flawed_fraction": "0.5"}, "flawed_fraction"),
     ("countdown", {"num_numbers": 1}, "num_numbers"),
     ("countdown", {"num_numbers": 9}, "num_numbers"),
     ("countdown", {"min_number": 0}, "min_number"),

@@ -6,7 +6,7 @@ import statistics
 import pytest
 import torch
 
-from r1x.train.grpo import LOSS_TYPES, group_advantages, grpo_loss
+from r1x.train.grpo import LOSS_TYPES, group_advantages, grpo_loss, process_advantages
 
 F64 = torch.float64
 
@@ -285,6 +285,8 @@ def _bad(gen):
     (dict(ref_logps=torch.zeros(4, 3, dtype=F64)), "ref_logps"),
     (dict(ref_logps=torch.zeros(3, 4, dtype=torch.long)), "ref_logps"),
     (dict(advantages=torch.zeros(3, 1, dtype=F64)), "advantages"),
+    (dict(advantages=torch.zeros(3, 4, 1, dtype=F64)), "advantages"),
+    (dict(advantages=torch.zeros(3, 5, dtype=F64)), "advantages"),
     (dict(advantages=torch.zeros(4, dtype=F64)), "advantages"),
     (dict(advantages=torch.zeros(3, dtype=torch.long)), "advantages"),
     (dict(mask=torch.ones(3, 5, dtype=torch.bool)), "mask"),
@@ -303,3 +305,124 @@ def test_grpo_loss_errors(change, match, gen):
     kw.update(change)
     with pytest.raises(ValueError, match=match):
         grpo_loss(kw.pop("logps"), kw.pop("old_logps"), kw.pop("ref_logps"), kw.pop("advantages"), kw.pop("mask"), **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# per-token advantages: process supervision
+# ---------------------------------------------------------------------------------------------
+
+
+def ref_process(step_rewards, step_ends, G, L, mode):
+    out = [[0.0] * L for _ in step_rewards]
+    for g in range(0, len(step_rewards), G):
+        flat = [r for i in range(g, g + G) for r in step_rewards[i]]
+        if not flat:
+            continue
+        mu, sd = statistics.fmean(flat), (statistics.stdev(flat) if len(flat) > 1 else 0.0)
+        for i in range(g, g + G):
+            prev = -1
+            for e, r in zip(step_ends[i], step_rewards[i]):
+                v = (r - mu) / (sd + 1e-4)
+                lo = 0 if mode == "return" else (prev + 1 if e > prev else e)
+                for t in range(lo, e + 1):
+                    out[i][t] += v
+                prev = e
+    return out
+
+
+def random_steps(N, L, gen, binary=False):
+    rewards, ends = [], []
+    for _ in range(N):
+        k = int(torch.randint(0, min(L, 5) + 1, (1,), generator=gen))
+        e = sorted(torch.randint(0, L, (k,), generator=gen).tolist())
+        r = (torch.randint(0, 2, (k,), generator=gen).double() if binary else torch.randn(k, generator=gen, dtype=F64))
+        rewards.append(r.tolist())
+        ends.append(e)
+    return rewards, ends
+
+
+@pytest.mark.parametrize("mode", ["return", "step"])
+@pytest.mark.parametrize("N,G,L", [(8, 4, 9), (6, 2, 1), (5, 5, 13), (3, 1, 4), (12, 3, 7)])
+@pytest.mark.parametrize("binary", [False, True])
+def test_process_advantages_match_reference(mode, N, G, L, binary, gen):
+    rewards, ends = random_steps(N, L, gen, binary)
+    got = process_advantages(rewards, ends, G, L, mode)
+    assert got.shape == (N, L) and got.dtype == torch.float32
+    want = torch.tensor(ref_process(rewards, ends, G, L, mode), dtype=F64)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+
+
+def test_process_advantages_by_hand():
+    # one group of two: steps 1, 0 | 1 -> mean 2/3, std 1/sqrt(3)
+    a = process_advantages([[1.0, 0.0], [1.0]], [[1, 3], [2]], 2, 5, "return")
+    hi, lo = (1 - 2 / 3) / (3 ** -0.5 + 1e-4), (0 - 2 / 3) / (3 ** -0.5 + 1e-4)
+    torch.testing.assert_close(a.double(), torch.tensor([[hi + lo, hi + lo, lo, lo, 0], [hi, hi, hi, 0, 0]], dtype=F64),
+                               rtol=1e-6, atol=1e-6)
+    s = process_advantages([[1.0, 0.0], [1.0]], [[1, 3], [2]], 2, 5, "step")
+    torch.testing.assert_close(s.double(), torch.tensor([[hi, hi, lo, lo, 0], [hi, hi, hi, 0, 0]], dtype=F64),
+                               rtol=1e-6, atol=1e-6)
+    # equal step rewards, or no steps at all, carry no signal
+    assert not process_advantages([[1.0, 1.0], [1.0], [], []], [[0, 1], [3], [], []], 2, 4).any()
+
+
+@pytest.mark.parametrize("args,match", [
+    (([[1.0]], [[0]], 1, 2, "mc"), "mode"),
+    (([[1.0]], [[0]], 0, 2), "num_generations"),
+    (([[1.0]], [[0], [1]], 1, 2), "same length"),
+    (([[1.0], [0.0], [1.0]], [[0], [0], [0]], 2, 2), "multiple"),
+    (([[1.0, 0.0]], [[0]], 1, 2), "step ends"),
+    (([[1.0, 0.0]], [[1, 0]], 1, 2), "ascend"),
+    (([[1.0]], [[2]], 1, 2), "ascend"),
+    (([[float("nan")]], [[0]], 1, 2), "finite"),
+])
+def test_process_advantages_errors(args, match):
+    with pytest.raises(ValueError, match=match):
+        process_advantages(*args)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("beta", [0.0, 0.1])
+def test_grpo_loss_per_token_advantages_match_reference(loss_type, beta, gen):
+    B, L = 5, 11
+    logps, old, ref, _, mask = make_inputs(B, L, gen)
+    adv = torch.randn(B, L, generator=gen, dtype=F64)
+    logps.requires_grad_()
+    loss, stats = grpo_loss(logps, old, ref, adv, mask, epsilon_low=0.1, epsilon_high=0.28, beta=beta,
+                            loss_type=loss_type)
+    # the reference with one sequence per token row: a per-token advantage is the same
+    # arithmetic as a per-sequence one, token by token
+    want = 0.0
+    per = [[0.0] * L for _ in range(B)]
+    for b in range(B):
+        for t in range(L):
+            if mask[b, t]:
+                r, a = math.exp(logps[b, t].item() - old[b, t].item()), adv[b, t].item()
+                v = -min(r * a, min(max(r, 0.9), 1.28) * a)
+                if beta:
+                    d = ref[b, t].item() - logps[b, t].item()
+                    v += beta * (math.exp(d) - d - 1)
+                per[b][t] = v
+    n = int(mask.sum())
+    if loss_type == "grpo":
+        want = sum(sum(per[b]) / max(int(mask[b].sum()), 1) for b in range(B)) / B
+    elif loss_type in ("bnpo", "dapo"):
+        want = sum(map(sum, per)) / max(n, 1)
+    else:
+        want = sum(map(sum, per)) / (B * L)
+    assert loss.item() == pytest.approx(want, rel=1e-10, abs=1e-12)
+    loss.backward()
+    assert torch.isfinite(logps.grad).all() and not logps.grad[~mask].any()
+
+
+def test_grpo_loss_sequence_advantages_equal_their_broadcast(gen):
+    logps, old, ref, adv, mask = make_inputs(4, 7, gen)
+    wide = adv[:, None].expand(4, 7).clone()
+    wide[~mask] = float("nan")  # padding values do not matter
+    for loss_type in LOSS_TYPES:
+        x, y = logps.clone().requires_grad_(), logps.clone().requires_grad_()
+        la, sa = grpo_loss(x, old, ref, adv, mask, beta=0.05, loss_type=loss_type)
+        lb, sb = grpo_loss(y, old, ref, wide, mask, beta=0.05, loss_type=loss_type)
+        la.backward()
+        lb.backward()
+        assert la.item() == pytest.approx(lb.item(), rel=1e-12) and sa == pytest.approx(sb)
+        torch.testing.assert_close(x.grad, y.grad)

@@ -509,6 +509,34 @@ def test_scratchpad_reward_counts_right_steps_in_place():
     assert "scratchpad" in rewards.REWARD_FUNCS
 
 
+def test_scratchpad_step_rewards_mark_each_step_where_it_ends():
+    from r1x.data import load_dataset
+
+    rows = load_dataset("arithmetic", "train", n=80, seed=11, ops="+-*")
+    rng = random.Random(SESSION_SEED)
+    for r in rows:
+        think = r["completion"][len("<think>"): r["completion"].index("</think>")]
+        steps = think.split(",")
+        bad = {i for i in range(len(steps)) if rng.random() < 0.4}
+        written = [s + "7" if i in bad else s for i, s in enumerate(steps)]
+        if rng.random() < 0.3:
+            written.append("1+1=2>2")  # a step past the reference's last: wrong
+        sep = rng.choice([",", ", "])
+        text = "<think>" + sep.join(written) + "</think><answer>" + r["answer"] + "</answer>"
+        cols = dict(a=[r["a"]], b=[r["b"]], op=[r["op"]])
+        got = rewards.scratchpad_step_rewards(None, [text], **cols)[0]
+        assert [v for _, v in got] == [0.0 if i in bad or i >= len(steps) else 1.0 for i in range(len(written))]
+        for (end, _), step in zip(got, written):  # each offset ends its step's text
+            assert text[:end].endswith(step)
+        share = rewards.scratchpad_reward(None, [text], **cols)[0]
+        assert share == pytest.approx(sum(v for _, v in got[:len(steps)]) / len(steps))
+    assert rewards.scratchpad_step_rewards(None, ["<answer>5</answer>", "<think></think>"], a=[2, 2], b=[3, 3],
+                                           op=["+", "+"]) == [[], []]
+    assert rewards.PROCESS_REWARD_FUNCS["scratchpad"] is rewards.scratchpad_step_rewards
+    with pytest.raises(ValueError, match="scratchpad_step_rewards"):
+        rewards.scratchpad_step_rewards(None, ["<think>1</think>"], a=[1], b=[2], op=["/"])
+
+
 def test_scratchpad_reward_bad_columns():
     with pytest.raises(ValueError, match="op"):
         rewards.scratchpad_reward(None, ["<think>1</think>"], a=[1], b=[2], op=["/"])

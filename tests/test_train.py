@@ -8,7 +8,9 @@ distillation (token losses, sequence-level rejection, the errors); config valida
 """
 
 import json
+import math
 import os
+import re
 import statistics
 
 import pytest
@@ -20,6 +22,7 @@ from r1x.model.tokenizer import ByteTokenizer
 from r1x.train import (DistillConfig, DistillTrainer, GRPOConfig, GRPOTrainer, NonFiniteLossError, SFTConfig,
                        SFTTrainer, Trainer)
 from r1x.train import grpo as grpo_module
+from r1x.train.grpo import group_advantages, process_advantages
 from r1x.train.common import (STATE_FILE, completion_logits, decode_completion, evaluate_generations, pack_sequences,
                               sequence_logps, yaml_load)
 from r1x.train.distill import NoTeacherDataError
@@ -505,6 +508,49 @@ def test_grpo_mask_truncated_completions(tmp_path, monkeypatch):
             assert r.mask[b].tolist() == expect, (b, c)
         assert r.metrics["completions/clipped_ratio"] == 0.25
         assert r.metrics["rewards/digit/mean"] == 1.0  # "1" (263 dropped), "22222222", "34", "5555555"
+
+
+def _digit_runs(prompts, completions, **kw):
+    """A process reward: every run of digits is a step, rewarded by its parity."""
+    return [[(m.end(), float(int(m.group()) % 2)) for m in re.finditer(r"\d+", c)] for c in completions]
+
+
+@pytest.mark.parametrize("mode", ["return", "step"])
+def test_grpo_process_reward_gives_per_token_advantages(tmp_path, monkeypatch, mode):
+    # 263 decodes to nothing: the text offsets must still land on the right tokens
+    comps = [TOK.encode("<think>1,22</think>") + [EOS], [263] + TOK.encode("3,45") + [EOS],
+             TOK.encode("55") + [EOS], [ord("6")] * 4 + [ord(",")] + [ord("7")] * 3]
+    cfg = grpo_config(tmp_path, name=mode, process_reward=_digit_runs, process_reward_weight=0.5,
+                      process_advantage=mode)
+    t = GRPOTrainer(cfg, reward_funcs=[digit_reward])
+    monkeypatch.setattr(t.model, "generate", _fake_generate(comps))
+    r = t.rollout(0)
+    L = max(map(len, comps))
+    assert r.advantages.shape == (8, L)
+    texts = [decode_completion(TOK, c) for c in comps]
+    steps, ends = [], []
+    for c, text in zip(comps, texts):  # the token that completes each digit run, found by brute force
+        st = _digit_runs(None, [text])[0]
+        steps.append([v for _, v in st])
+        ends.append([next(i for i in range(len(c)) if len(decode_completion(TOK, c[:i + 1])) >= e) for e, _ in st])
+    assert ends[:2] == [[1, 4], [1, 4]]
+    outcome = group_advantages(torch.tensor(digit_reward(None, texts) * 2), 4)
+    want = outcome[:, None] + 0.5 * process_advantages(steps * 2, ends * 2, 4, L, mode)
+    torch.testing.assert_close(r.advantages, want)
+    assert r.metrics["process/step_reward_mean"] == pytest.approx(statistics.fmean(sum(steps, [])))
+    # and the trainer steps on them
+    t2 = GRPOTrainer(grpo_config(tmp_path, name=mode + "t", max_steps=2, process_reward="scratchpad",
+                                 process_advantage=mode), reward_funcs=["accuracy", "format"])
+    hist = t2.train()
+    assert all(math.isfinite(h["loss"]) and "process/step_reward_mean" in h for h in hist)
+
+
+@pytest.mark.parametrize("kw,match", [(dict(process_reward="nope"), "process_reward"),
+                                      (dict(process_advantage="all"), "process_advantage"),
+                                      (dict(process_reward_weight=float("nan")), "process_reward_weight")])
+def test_grpo_process_reward_config_errors(tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        grpo_config(tmp_path, **kw).validate()
 
 
 def test_decode_completion_and_evaluate_generations(monkeypatch):

@@ -37,7 +37,7 @@ from typing import Callable, Iterable, Sequence
 __all__ = [
     "extract_answer", "parse_number", "accuracy_reward", "format_reward", "tag_count_reward",
     "countdown_reward", "get_length_penalty", "get_repetition_penalty", "REWARD_FUNCS",
-    "get_reward_funcs", "combine_rewards",
+    "get_reward_funcs", "combine_rewards", "scratchpad_reward", "scratchpad_step_rewards", "PROCESS_REWARD_FUNCS",
 ]
 
 MAX_EXPR_CHARS = 200  # longest expression the parser looks at (after normalization)
@@ -513,15 +513,11 @@ def get_repetition_penalty(ngram_size: int = 3, max_penalty: float = -1.0) -> Ca
 # ----------------------------------------------------------------------------- registry
 
 
-def scratchpad_reward(prompts, completions, a, b, op, **kw) -> list[float]:
-    """The share of the arithmetic task's scratchpad steps that are right, in place: the
-    ``<think>`` part is split at commas and step ``i`` is compared with step ``i`` of the
-    reference pad of ``a op b`` (:func:`r1x.data.tasks.add_scratchpad` and its siblings).
-
-    A process reward checked by rule, for shaping next to :func:`accuracy_reward`: a sample
-    that gets two of three digit steps right scores above one that gets none, where the
-    outcome reward gives both 0. No ``<think>...</think>``: 0. Columns ``a``, ``b``, ``op``
-    are the ``arithmetic`` task's."""
+def _scratchpad_steps(completions, a, b, op, who: str) -> list[tuple[list[tuple[int, bool]], int] | None]:
+    """Per completion: ``([(end offset, right?) per written step], reference step count)``, or
+    None without ``<think>...</think>``. Steps are the comma-separated parts of the think text,
+    compared in place with the reference pad of ``a op b``; the offset is where the step ends
+    in the completion text (the last character's index + 1)."""
     from r1x.data.tasks import add_scratchpad, mul_scratchpad, sub_scratchpad
 
     texts = _texts(completions)
@@ -531,15 +527,42 @@ def scratchpad_reward(prompts, completions, a, b, op, **kw) -> list[float]:
     out = []
     for text, x, y, o in zip(texts, a, b, op):
         if o not in pads or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (x, y)):
-            raise ValueError(f"scratchpad_reward: need non-negative int `a`, `b` and `op` in '+-*', got {x!r} {o!r} {y!r}")
+            raise ValueError(f"{who}: need non-negative int `a`, `b` and `op` in '+-*', got {x!r} {o!r} {y!r}")
         ref = pads[o](x, y).split(",")
         m = _THINK_RE.search(text)
         if m is None:
-            out.append(0.0)
+            out.append(None)
             continue
-        got = m.group(1).strip().split(",")
-        out.append(sum(g.strip() == r for g, r in zip(got, ref)) / len(ref))
+        steps, pos = [], m.start(1)
+        for i, part in enumerate(m.group(1).split(",")):
+            if part.strip():
+                steps.append((pos + len(part.rstrip()), i < len(ref) and part.strip() == ref[i]))
+            pos += len(part) + 1
+        out.append((steps, len(ref)))
     return out
+
+
+def scratchpad_reward(prompts, completions, a, b, op, **kw) -> list[float]:
+    """The share of the arithmetic task's scratchpad steps that are right, in place: the
+    ``<think>`` part is split at commas and step ``i`` is compared with step ``i`` of the
+    reference pad of ``a op b`` (:func:`r1x.data.tasks.add_scratchpad` and its siblings).
+
+    A process reward checked by rule, for shaping next to :func:`accuracy_reward`: a sample
+    that gets two of three digit steps right scores above one that gets none, where the
+    outcome reward gives both 0. No ``<think>...</think>``: 0. Columns ``a``, ``b``, ``op``
+    are the ``arithmetic`` task's. :func:`scratchpad_step_rewards` gives the same per step."""
+    return [0.0 if r is None else sum(ok for _, ok in r[0]) / r[1]
+            for r in _scratchpad_steps(completions, a, b, op, "scratchpad_reward")]
+
+
+def scratchpad_step_rewards(prompts, completions, a, b, op, **kw) -> list[list[tuple[int, float]]]:
+    """The arithmetic scratchpad checked step by step, for process supervision (GRPO's
+    ``process_reward``): per completion, one ``(end, reward)`` pair per written step, ``end``
+    the offset in the completion text where the step ends and ``reward`` 1.0 when the step
+    equals the reference step in its place (0.0 when wrong, or past the reference's last step).
+    No ``<think>...</think>``: no steps (``[]``)."""
+    return [[] if r is None else [(end, float(ok)) for end, ok in r[0]]
+            for r in _scratchpad_steps(completions, a, b, op, "scratchpad_step_rewards")]
 
 
 _THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
@@ -554,6 +577,10 @@ REWARD_FUNCS: dict[str, Callable] = {
     "repetition": get_repetition_penalty(),
 }
 """Rewards by name; ``length`` is ``get_length_penalty(4096)``, ``repetition`` the defaults."""
+
+PROCESS_REWARD_FUNCS: dict[str, Callable] = {"scratchpad": scratchpad_step_rewards}
+"""Step-level (process) rewards by name: ``f(prompts, completions, **columns)`` returning, per
+completion, a list of ``(end offset in the text, reward)`` pairs (see GRPO's ``process_reward``)."""
 
 
 def get_reward_funcs(names) -> list[Callable]:

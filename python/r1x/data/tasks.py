@@ -70,8 +70,13 @@ class Task:
 
     def split_of(self, example: dict) -> str:
         """``"test"`` or ``"train"``, from a stable hash of :meth:`key`."""
-        digest = hashlib.blake2b(f"{self.name}:{self.key(example)}".encode(), digest_size=8).digest()
-        return "test" if int.from_bytes(digest, "big") < self.test_fraction * _HASH_RANGE else "train"
+        return "test" if self._hash_unit("", example) < self.test_fraction else "train"
+
+    def _hash_unit(self, salt: str, example: dict) -> float:
+        """A stable number in [0, 1) from a blake2b hash of ``salt`` and the problem key."""
+        text = f"{salt}:{self.name}:{self.key(example)}" if salt else f"{self.name}:{self.key(example)}"
+        digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big") / _HASH_RANGE
 
     def dataset(self, split: str, n: int, seed: int = 0) -> list[dict]:
         """``n`` examples of ``split`` ("train" or "test"), deterministic in ``seed``.
@@ -130,8 +135,10 @@ def _finish(partial: str, sign: str = "") -> str:
     return sign + (partial.lstrip("0") or "0")
 
 
-def add_scratchpad(a: int, b: int) -> str:
-    """Digit-by-digit addition pad of ``a+b`` (``a, b >= 0``); see the module docstring."""
+def add_scratchpad(a: int, b: int, forget_carry: bool = False) -> str:
+    """Digit-by-digit addition pad of ``a+b`` (``a, b >= 0``); see the module docstring.
+    ``forget_carry``: the flawed pad of a solver that never carries (its last ``P`` is wrong
+    whenever a digit sum reaches 10 before the last digit)."""
     n = max(len(str(a)), len(str(b)))
     steps, partial, carry = [], "", 0
     for i, (x, y) in enumerate(zip(_digits(a, n), _digits(b, n))):
@@ -140,12 +147,14 @@ def add_scratchpad(a: int, b: int) -> str:
         if i == n - 1:
             partial = _finish(partial)
         steps.append(f"{x}+{y}{'+1' if carry else ''}={s}>{partial}")
-        carry = s // 10
+        carry = 0 if forget_carry else s // 10
     return ",".join(steps)
 
 
-def sub_scratchpad(a: int, b: int) -> str:
-    """Digit-by-digit subtraction pad of ``a-b`` (``a, b >= 0``), swapping when ``a < b``."""
+def sub_scratchpad(a: int, b: int, forget_carry: bool = False) -> str:
+    """Digit-by-digit subtraction pad of ``a-b`` (``a, b >= 0``), swapping when ``a < b``.
+    ``forget_carry``: the flawed pad of a solver that borrows 10 but never pays it back from
+    the next digit."""
     prefix, sign = "", ""
     if a < b:
         prefix, sign, a, b = f"{a}<{b},", "-", b, a
@@ -155,8 +164,8 @@ def sub_scratchpad(a: int, b: int) -> str:
         d = x - y - borrow
         top = f"1{x}" if d < 0 else str(x)  # borrow 10 from the next digit
         borrow_in = "-1" if borrow else ""
-        borrow = int(d < 0)
-        d += 10 * borrow
+        borrow = int(d < 0 and not forget_carry)
+        d += 10 * (d < 0)
         partial = str(d) + partial
         if i == n - 1:
             partial = _finish(partial, sign)
@@ -164,8 +173,9 @@ def sub_scratchpad(a: int, b: int) -> str:
     return prefix + ",".join(steps)
 
 
-def mul_scratchpad(a: int, d: int) -> str:
-    """Digit-by-digit pad of ``a*d`` for a single digit ``d``."""
+def mul_scratchpad(a: int, d: int, forget_carry: bool = False) -> str:
+    """Digit-by-digit pad of ``a*d`` for a single digit ``d`` (``forget_carry``: a flawed
+    pad that never carries)."""
     n = len(str(a))
     steps, partial, carry = [], "", 0
     for i, x in enumerate(_digits(a, n)):
@@ -174,19 +184,38 @@ def mul_scratchpad(a: int, d: int) -> str:
         if i == n - 1:
             partial = _finish(partial)
         steps.append(f"{x}*{d}{f'+{carry}' if carry else ''}={p}>{partial}")
-        carry = p // 10
+        carry = 0 if forget_carry else p // 10
     return ",".join(steps)
 
 
 class ArithmeticTask(Task):
     """``a+b``, ``a-b`` with ``min_digits..max_digits``-digit operands, and ``a*d`` with a
-    single-digit ``d`` in 2..9. Prompt ``"372+459"``; columns ``a``, ``b``, ``op``."""
+    single-digit ``d`` in 2..9. Prompt ``"372+459"``; columns ``a``, ``b``, ``op``.
+
+    ``scratchpad_fraction``: the share of examples whose reference ``completion`` works the
+    problem in the scratchpad; the others answer at once, ``<think></think><answer>831</answer>``
+    (a cold start that mixes short answers with worked ones, as chat data does). Which examples
+    get the pad is fixed per problem by a hash (like the split), so the problems drawn, their
+    answers and the split do not depend on it.
+
+    ``flawed_fraction``: the share of worked examples whose pad forgets every carry (and never
+    pays back a borrow), its stated answer following the flawed chain: wrong whenever a carry
+    was due. The gold ``answer`` column stays right. A cold start with the systematic mistake
+    that unverified chains of thought carry, for RL with a verifier to remove (also chosen per
+    problem by a hash).
+    """
 
     name = "arithmetic"
     default_rewards = ("accuracy", "format")
 
-    def __init__(self, min_digits: int = 1, max_digits: int = 3, ops: str = "+-", test_fraction: float = 0.1):
+    def __init__(self, min_digits: int = 1, max_digits: int = 3, ops: str = "+-", test_fraction: float = 0.1,
+                 scratchpad_fraction: float = 1.0, flawed_fraction: float = 0.0):
         super().__init__(test_fraction)
+        for name, v in (("scratchpad_fraction", scratchpad_fraction), ("flawed_fraction", flawed_fraction)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name} must be a number in [0, 1], got {v!r}")
+        self.scratchpad_fraction = float(scratchpad_fraction)
+        self.flawed_fraction = float(flawed_fraction)
         self.min_digits = _check_int("min_digits", min_digits, 1, 18)
         self.max_digits = _check_int("max_digits", max_digits, 1, 18)
         if max_digits < min_digits:
@@ -205,8 +234,15 @@ class ArithmeticTask(Task):
         b = rng.randint(2, 9) if op == "*" else self._operand(rng)
         value, pad = {"+": (a + b, add_scratchpad), "-": (a - b, sub_scratchpad), "*": (a * b, mul_scratchpad)}[op]
         answer = str(value)
-        return {"prompt": f"{a}{op}{b}", "answer": answer, "completion": format_completion(pad(a, b), answer),
-                "a": a, "b": b, "op": op}
+        ex = {"prompt": f"{a}{op}{b}", "answer": answer, "a": a, "b": b, "op": op}
+        if self._hash_unit("pad", ex) >= self.scratchpad_fraction:
+            ex["completion"] = format_completion("", answer)
+        elif self._hash_unit("flaw", ex) < self.flawed_fraction:
+            think = pad(a, b, forget_carry=True)  # its answer follows the flawed chain
+            ex["completion"] = format_completion(think, think.rsplit(">", 1)[1])
+        else:
+            ex["completion"] = format_completion(pad(a, b), answer)
+        return ex
 
     def key(self, example: dict) -> str:
         a, b, op = example["a"], example["b"], example["op"]

@@ -19,7 +19,7 @@ from r1x.train.common import (TrainConfig, Trainer, is_int, is_num, reward_name,
                               sequence_logps)
 from r1x.train.sft import ModelConfigMixin, build_model, default_rewards, epoch_order, evaluate_stage, load_examples
 
-__all__ = ["group_advantages", "grpo_loss", "GRPOConfig", "GRPOTrainer", "Rollout", "LOSS_TYPES"]
+__all__ = ["group_advantages", "grpo_loss", "process_advantages", "GRPOConfig", "GRPOTrainer", "Rollout", "LOSS_TYPES"]
 
 # =============================================================================================
 # Pure loss functions (the trainer lives further below, in its own section)
@@ -77,6 +77,66 @@ def group_advantages(rewards, num_generations: int, scale_rewards="group") -> to
     return adv if scale == "none" else adv / (std + STD_EPS)
 
 
+PROCESS_MODES = ("return", "step")
+
+
+def process_advantages(step_rewards, step_ends, num_generations: int, length: int, mode: str = "return"):
+    """Per-token advantages from step-level rewards: GRPO's process supervision (DeepSeekMath
+    §4.1.3).
+
+    Completion ``i`` has steps ``j`` with reward ``step_rewards[i][j]`` ending at token
+    ``step_ends[i][j]`` (the index of the step's last token, ascending). Rewards are normalised
+    per group over every step of the group's completions, ``(r - mean) / (std + 1e-4)``
+    (unbiased std; 0 with a single step). Then with ``mode="return"`` (DeepSeekMath's) token
+    ``t`` gets the sum of the normalised rewards of the steps ending at or after ``t``; with
+    ``mode="step"`` it gets only the reward of the step it belongs to (tokens from just after
+    the previous step's end through this step's end; a step ending on the same token as the
+    previous one adds to that token). Tokens after the last step get 0.
+
+    Args:
+        step_rewards, step_ends: ``N`` lists of floats / of ints in ``[0, length)``.
+        num_generations: ``G``; completions ``g*G .. g*G+G-1`` form a group.
+        length: ``L``, the token columns of the result.
+        mode: ``"return"`` or ``"step"``.
+
+    Returns:
+        ``[N, L]`` float32 advantages.
+    """
+    if mode not in PROCESS_MODES:
+        raise ValueError(f"mode must be one of {PROCESS_MODES}, got {mode!r}")
+    if isinstance(num_generations, bool) or not isinstance(num_generations, int) or num_generations < 1:
+        raise ValueError(f"num_generations must be an int >= 1, got {num_generations!r}")
+    n = len(step_rewards)
+    if len(step_ends) != n or n % num_generations:
+        raise ValueError(f"step_rewards ({n}) and step_ends ({len(step_ends)}) must have the same length, a "
+                         f"multiple of num_generations ({num_generations})")
+    out = torch.zeros(n, length, dtype=torch.float64)
+    for g0 in range(0, n, num_generations):
+        rows = range(g0, g0 + num_generations)
+        flat = torch.tensor([float(v) for i in rows for v in step_rewards[i]], dtype=torch.float64)
+        if not flat.numel():
+            continue
+        if not bool(torch.isfinite(flat).all()):
+            raise ValueError("step_rewards must be finite")
+        std = flat.std() if flat.numel() > 1 else flat.new_zeros(())
+        mean = flat.mean()
+        for i in rows:
+            ends, rs = list(step_ends[i]), step_rewards[i]
+            if len(ends) != len(rs):
+                raise ValueError(f"completion {i}: {len(rs)} step rewards but {len(ends)} step ends")
+            if any(not 0 <= e < length for e in ends) or any(x > y for x, y in zip(ends, ends[1:])):
+                raise ValueError(f"completion {i}: step ends must ascend within [0, {length}), got {ends}")
+            start = 0
+            for e, r in zip(ends, rs):
+                v = (float(r) - mean) / (std + STD_EPS)
+                if mode == "return":
+                    out[i, : e + 1] += v
+                else:  # a step that ends on the previous step's last token adds to that token
+                    out[i, min(start, e): e + 1] += v
+                start = e + 1
+    return out.to(torch.float32)
+
+
 def _check_float(name: str, t, shape) -> None:
     if not isinstance(t, torch.Tensor) or not t.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got {type(t).__name__}"
@@ -99,7 +159,8 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, epsilon_low=0.2,
               beta=0.0, loss_type="grpo", max_completion_length=None, num_items_in_batch=None):
     """Clipped GRPO surrogate (plus ``beta`` times the k3 KL to the reference) over completion tokens.
 
-    Per token, with ``ratio = exp(logps - old_logps)`` and ``A`` the sequence's advantage::
+    Per token, with ``ratio = exp(logps - old_logps)`` and ``A`` the sequence's (or the
+    token's) advantage::
 
         loss_t = -min(ratio * A, clamp(ratio, 1 - epsilon_low, 1 + epsilon_high) * A)
                  + beta * (exp(ref - logps) - (ref - logps) - 1)        # only when beta > 0
@@ -126,7 +187,8 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, epsilon_low=0.2,
             so the ratio is 1 with its gradient intact (TRL with ``num_iterations == 1``).
         ref_logps: ``[B, L]`` under the reference model; required when ``beta > 0``, ignored
             (may be ``None``) when ``beta == 0``.
-        advantages: ``[B]`` one advantage per sequence (see :func:`group_advantages`).
+        advantages: ``[B]`` one advantage per sequence (see :func:`group_advantages`), or
+            ``[B, L]`` one per token (process supervision, :func:`process_advantages`).
         mask: ``[B, L]`` bool or 0/1: the completion tokens (0 after EOS and at padding).
         epsilon_low, epsilon_high: clip range ``[1 - epsilon_low, 1 + epsilon_high]``, ``>= 0``.
         beta: KL coefficient, ``>= 0``.
@@ -157,7 +219,7 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, epsilon_low=0.2,
         if ref_logps is None:
             raise ValueError("ref_logps is required when beta > 0")
         _check_float("ref_logps", ref_logps, (B, L))
-    _check_float("advantages", advantages, (B,))
+    _check_float("advantages", advantages, (B, L) if getattr(advantages, "ndim", 1) == 2 else (B,))
     if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (B, L):
         raise ValueError(f"mask must be a [B, L] = {(B, L)} tensor, got {getattr(mask, 'shape', type(mask))}")
     if mask.dtype != torch.bool:
@@ -170,7 +232,8 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, *, epsilon_low=0.2,
     if num_items_in_batch is not None and not float(num_items_in_batch) >= 0:
         raise ValueError(f"num_items_in_batch must be >= 0, got {num_items_in_batch!r}")
 
-    adv = advantages.detach().unsqueeze(1)
+    adv = advantages.detach()
+    adv = adv.unsqueeze(1) if adv.ndim == 1 else torch.where(mask, adv, 0.0)
     log_ratio = torch.where(mask, logps - old.detach(), 0.0)
     ratio = torch.exp(log_ratio)
     per_token = -torch.min(ratio * adv, ratio.clamp(1 - eps_lo, 1 + eps_hi) * adv)
@@ -227,6 +290,12 @@ class GRPOConfig(ModelConfigMixin, TrainConfig):
         reward_funcs, reward_weights: rewards by name (``r1x.rewards.REWARD_FUNCS``) or
             callables, and their weights (default: all 1).
         generation_batch_size: sequences decoded together.
+        process_reward: a step-level reward (a name in ``r1x.rewards.PROCESS_REWARD_FUNCS`` or a
+            callable returning ``(end offset, reward)`` pairs per completion) for process
+            supervision: its group-normalised step rewards become per-token advantages
+            (:func:`process_advantages`), added to the outcome advantages times
+            ``process_reward_weight``. ``process_advantage``: ``"return"`` (each token gets
+            the steps from its own on, DeepSeekMath's) or ``"step"`` (its own step only).
         moe_bias_update: keep DeepSeek-V3's aux-loss-free balancing on during RL. Off by
             default: every training-mode forward moves the routers' bias, so the policy would
             drift between sampling and update for reasons the advantages know nothing about
@@ -250,6 +319,9 @@ class GRPOConfig(ModelConfigMixin, TrainConfig):
     dynamic_sampling: bool = False
     reward_weights: Any = None
     generation_batch_size: int = 256
+    process_reward: Any = None
+    process_reward_weight: float = 1.0
+    process_advantage: str = "return"
     moe_bias_update: bool = False
     learning_rate: float = 1e-4
     warmup_ratio: float = 0.0
@@ -274,6 +346,16 @@ class GRPOConfig(ModelConfigMixin, TrainConfig):
             raise ValueError(f"{name}: `top_p` must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
             raise ValueError(f"{name}: `top_k` must be an integer >= 0 (0: off), got {self.top_k!r}")
+        if self.process_advantage not in PROCESS_MODES:
+            raise ValueError(f"{name}: `process_advantage` must be one of {PROCESS_MODES}, "
+                             f"got {self.process_advantage!r}")
+        self.require(("process_reward_weight",), is_num, "a finite number")
+        if self.process_reward is not None and not callable(self.process_reward):
+            from r1x.rewards import PROCESS_REWARD_FUNCS
+
+            if self.process_reward not in PROCESS_REWARD_FUNCS:
+                raise ValueError(f"{name}: `process_reward` must be a callable or one of "
+                                 f"{sorted(PROCESS_REWARD_FUNCS)}, got {self.process_reward!r}")
 
 
 @dataclasses.dataclass
@@ -331,6 +413,11 @@ class GRPOTrainer(Trainer):
             raise ValueError(f"GRPOTrainer: `reward_weights` has {len(w)} entries for {len(self.reward_funcs)} "
                              "reward functions")
         self.reward_weights = [float(x) for x in w]
+        self.process_func = config.process_reward
+        if isinstance(self.process_func, str):
+            from r1x.rewards import PROCESS_REWARD_FUNCS
+
+            self.process_func = PROCESS_REWARD_FUNCS[self.process_func]
         if train_dataset is None:
             train_dataset = load_examples(config, "train", config.num_train_examples)
         if not train_dataset:
@@ -403,6 +490,10 @@ class GRPOTrainer(Trainer):
             "completions/max_length": float(lengths.max()),
             "completions/clipped_ratio": sum(truncated) / len(truncated),
         })
+        if self.process_func is not None:
+            proc, step_mean = self._process_advantages(rows, outs, texts, columns)
+            adv = adv.unsqueeze(1) + cfg.process_reward_weight * proc
+            metrics["process/step_reward_mean"] = step_mean
         keep = torch.ones(len(outs), dtype=torch.bool)
         if cfg.dynamic_sampling:
             keep = (std >= 1e-6).repeat_interleave(G)
@@ -417,6 +508,8 @@ class GRPOTrainer(Trainer):
             if cfg.mask_truncated_completions and truncated[idx[b]]:
                 mask[b] = False
         adv = adv[idx] if idx else adv[:0]
+        if adv.ndim == 2:
+            adv = adv[:, :L]
         old = ref = None
         if comps and cfg.num_iterations > 1:
             # in eval mode, as the sampling ran: a training-mode forward has side effects (the
@@ -428,6 +521,38 @@ class GRPOTrainer(Trainer):
             ref, _ = sequence_logps(self.ref_model, prompts, comps, temperature=cfg.temperature)
         dev = self.model.device
         return Rollout(prompts, comps, mask.to(dev), adv.to(dev), old, ref, metrics)
+
+    def _process_advantages(self, rows, outs, texts, columns) -> tuple[torch.Tensor, float]:
+        """``[N, L]`` process advantages of a rollout (``L`` its longest completion) and the mean
+        step reward: the process reward's text offsets mapped to the tokens that end them."""
+        import bisect
+        import itertools
+
+        from r1x.train.common import decode_completion
+
+        steps = self.process_func(prompts=[r["prompt"] for r in rows], completions=texts, **columns)
+        if len(steps) != len(outs):
+            raise ValueError(f"process reward returned {len(steps)} entries for {len(outs)} completions")
+        L = max((len(o) for o in outs), default=0)
+        all_r, all_e, flat = [], [], []
+        for o, text, st in zip(outs, texts, steps):
+            # where the text stands after each token: token by token when that adds up to the
+            # text (a byte tokenizer on ASCII), else by decoding every prefix (monotone)
+            offs = list(itertools.accumulate(len(decode_completion(self.tokenizer, [t])) for t in o))
+            if (offs[-1] if offs else 0) != len(text):
+                offs = list(itertools.accumulate((len(decode_completion(self.tokenizer, o[: t + 1]))
+                                                  for t in range(len(o))), max))
+            rs, es = [], []
+            for end, rew in st or []:
+                t = bisect.bisect_left(offs, int(end))
+                if t < len(o) and (not es or t >= es[-1]):
+                    rs.append(float(rew))
+                    es.append(t)
+            all_r.append(rs)
+            all_e.append(es)
+            flat += rs
+        proc = process_advantages(all_r, all_e, self.config.num_generations, L, self.config.process_advantage)
+        return proc, (sum(flat) / len(flat) if flat else 0.0)
 
     # -- the step --------------------------------------------------------------------------------
     def compute_loss(self, step: int):
@@ -461,7 +586,8 @@ class GRPOTrainer(Trainer):
             m = r.mask[a:b, :Lc]
             old = None if r.old_logps is None else r.old_logps[a:b, :Lc]
             ref = None if r.ref_logps is None else r.ref_logps[a:b, :Lc]
-            loss, stats = grpo_loss(logps, old, ref, r.advantages[a:b], m, epsilon_low=cfg.epsilon_low,
+            adv = r.advantages[a:b] if r.advantages.ndim == 1 else r.advantages[a:b, :Lc]
+            loss, stats = grpo_loss(logps, old, ref, adv, m, epsilon_low=cfg.epsilon_low,
                                     epsilon_high=cfg.epsilon_high, beta=cfg.beta, loss_type=cfg.loss_type,
                                     max_completion_length=cfg.max_completion_length,
                                     num_items_in_batch=n_items if cfg.loss_type == "dapo" else None)
