@@ -15,7 +15,7 @@ import torch
 from r1x import cli
 from r1x.train import Trainer
 from r1x.train.distill import NoTeacherDataError
-from r1x.train.pipeline import DEFAULTS, PipelineConfig
+from r1x.train.pipeline import DEFAULTS, TASK_DEFAULTS, PipelineConfig
 
 STAGES = ("sft", "grpo", "distill", "baseline_sft", "baseline_grpo")
 
@@ -106,14 +106,15 @@ def test_pipeline_config_overrides(tmp_path):
     untouched = [k for k in DEFAULTS["grpo"] if k not in cfg.grpo]
     assert untouched and all(g[k] == DEFAULTS["grpo"][k] for k in untouched)
     assert g["seed"] == 3 and g["output_dir"] == os.path.join(str(tmp_path / "o"), "grpo")
-    assert g["task_kwargs"] == {"max_digits": 2}
+    assert g["task_kwargs"] == {**TASK_DEFAULTS["arithmetic"], "max_digits": 2}
     # the baseline stages take the sft / grpo overrides
     assert cfg.stage_dict("baseline_grpo")["max_steps"] == 3 and cfg.stage_dict("baseline_sft")["max_steps"] == 2
     assert cfg.student_overrides()["hidden_size"] == 32
     # bad fields raise before anything trains
     for over, field in ((["grpo.max_stepz=3"], "max_stepz"), (["sft.learning_rate=-1"], "learning_rate"),
                         (["distill.mode=logits"], "mode"), (["student.hidden_sise=3"], "hidden_sise"),
-                        (["colour=red"], "colour"), (["grpo=3"], "grpo")):
+                        (["colour=red"], "colour"), (["grpo=3"], "grpo"),
+                        (["task_kwargs.flawed_fraction=2"], "flawed_fraction"), (["task_kwargs.digits=2"], "digits")):
         with pytest.raises(ValueError, match=field):
             PipelineConfig.from_yaml(None, over)
     with pytest.raises(ValueError, match="key=value"):
@@ -244,7 +245,10 @@ torch.save({"sft": {n: p.detach() for n, p in sft.model.named_parameters()},
             "grpo": {n: p.detach() for n, p in grpo.model.named_parameters()},
             "sft_examples": sft.examples[:8], "grpo_prompts": [ex["prompt"] for ex in grpo._prompts_for(0)],
             "kept": [r["num_kept_completions"] for r in hist], "loss": [r["loss"] for r in hist],
-            "grad_norm": [r["grad_norm"] for r in hist]},
+            "grad_norm": [r["grad_norm"] for r in hist],
+            "lengths": (hist[-1]["completions/min_length"], hist[-1]["completions/max_length"]),
+            "local_lengths": (grpo._rollout.metrics["completions/min_length"],
+                              grpo._rollout.metrics["completions/max_length"])},
            os.path.join(out, f"rank{rank}.pt"))
 grpo.world.close()
 '''
@@ -268,20 +272,41 @@ def test_ddp_trainers_keep_ranks_in_step(tmp_path):
     assert r0["loss"] == r1["loss"] and r0["kept"] == r1["kept"]
     assert all(k <= 4.0 for k in r0["kept"])  # the mean over ranks of <= 8 (rank 0) and 0 (rank 1)
     assert any(g > 0 for g in r0["grad_norm"])  # rank 0's groups did train
+    # the length extremes are over both ranks' completions
+    assert r0["lengths"] == r1["lengths"] == (min(r0["local_lengths"][0], r1["local_lengths"][0]),
+                                              max(r0["local_lengths"][1], r1["local_lengths"][1]))
     for stage, n in (("sft", 3), ("grpo", 3)):
         assert [r["step"] for r in read_jsonl(tmp_path / stage / "metrics.jsonl")] == list(range(1, n + 1))
 
 
-def test_pipeline_grpo_rewards_per_task():
-    from r1x.train.pipeline import GRPO_REWARDS, PipelineConfig
+def test_pipeline_task_defaults():
+
 
     c = PipelineConfig()
-    for stage in ("grpo", "baseline_grpo"):
-        d = c.stage_dict(stage)
-        assert d["reward_funcs"] == GRPO_REWARDS["arithmetic"]["reward_funcs"]
-        assert d["reward_weights"] == GRPO_REWARDS["arithmetic"]["reward_weights"]
-    assert "reward_funcs" not in c.stage_dict("sft") and "reward_funcs" not in c.stage_dict("distill")
-    # another task, or the user's own rewards: no shaping added
-    assert "reward_funcs" not in PipelineConfig(dataset="countdown").stage_dict("grpo")
-    d = PipelineConfig(grpo={"reward_funcs": ["accuracy"]}).stage_dict("grpo")
-    assert d["reward_funcs"] == ["accuracy"] and "reward_weights" not in d
+    assert c.resolved_task_kwargs() == TASK_DEFAULTS["arithmetic"] and 0 < TASK_DEFAULTS["arithmetic"]["flawed_fraction"]
+    for stage in ("sft", "grpo", "distill", "baseline_sft", "baseline_grpo"):
+        assert c.stage_dict(stage)["task_kwargs"] == TASK_DEFAULTS["arithmetic"]
+        assert "reward_funcs" not in c.stage_dict(stage)  # the task's own: accuracy + format
+    # the user's settings win; another task gets none of arithmetic's
+    c = PipelineConfig(task_kwargs={"flawed_fraction": 0.0, "max_digits": 2})
+    assert c.stage_dict("sft")["task_kwargs"] == {"flawed_fraction": 0.0, "max_digits": 2}
+    assert PipelineConfig(dataset="countdown").stage_dict("grpo")["task_kwargs"] == {}
+
+
+def test_forgot_carry_share():
+    from r1x.data import format_completion, get_task
+    from r1x.data.tasks import add_scratchpad, sub_scratchpad
+    from r1x.train.pipeline import forgot_carry_share
+
+    rows = get_task("arithmetic").dataset("test", 200, seed=3)
+    pad = lambda e, **kw: (add_scratchpad if e["op"] == "+" else sub_scratchpad)(e["a"], e["b"], **kw)  # noqa: E731
+    due = [e for e in rows if pad(e) != pad(e, forget_carry=True)]
+    assert 0 < len(due) < len(rows)
+    right = [format_completion(pad(e), e["answer"]) for e in rows]
+    flawed = [format_completion(pad(e, forget_carry=True), "0") for e in rows]
+    assert forgot_carry_share(rows, right) == 0.0
+    assert forgot_carry_share(rows, flawed) == 1.0
+    half = [f if i % 2 else r for i, (r, f) in enumerate(zip(right, flawed))]
+    want = sum(1 for i, e in enumerate(rows) if i % 2 and e in due) / len(due)
+    assert forgot_carry_share(rows, half) == pytest.approx(want)
+    assert forgot_carry_share([e for e in rows if e not in due], ["x"] * 200) == 0.0

@@ -541,7 +541,7 @@ class Trainer:
         self.model.train()
         while self.step < cfg.max_steps:
             if cfg.max_time and self.world.all_sum(float(time.perf_counter() - t0 > cfg.max_time)) > 0:
-                self.log_line(f"max_time = {cfg.max_time} s reached at step {self.step}")
+                self.log_line(f"max_time = {cfg.max_time:.1f} s reached at step {self.step}")
                 break
             step = self.step
             self.optimizer.zero_grad(set_to_none=True)

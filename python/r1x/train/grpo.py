@@ -572,6 +572,9 @@ class GRPOTrainer(Trainer):
         chunks = cfg.gradient_accumulation_steps if ddp else min(cfg.gradient_accumulation_steps, B)
         bounds = [B * c // max(chunks, 1) for c in range(chunks + 1)]
         n_items = int(r.mask.sum())
+        # dapo's denominator is the step's global token count over the world size, as TRL's
+        # (DDP averages the ranks' gradients): every token weighs the same on every rank
+        n_norm = self.world.all_sum(n_items) / self.world.world_size if ddp else n_items
         total = 0.0
         ent_sum, ent_n = 0.0, 0
         for c in range(chunks):
@@ -590,7 +593,7 @@ class GRPOTrainer(Trainer):
             loss, stats = grpo_loss(logps, old, ref, adv, m, epsilon_low=cfg.epsilon_low,
                                     epsilon_high=cfg.epsilon_high, beta=cfg.beta, loss_type=cfg.loss_type,
                                     max_completion_length=cfg.max_completion_length,
-                                    num_items_in_batch=n_items if cfg.loss_type == "dapo" else None)
+                                    num_items_in_batch=n_norm if cfg.loss_type == "dapo" else None)
             # chunk losses add up to the whole batch's: dapo divides by the batch's token count
             # already; bnpo's chunk mean is weighted by the chunk's share of the tokens
             w = {"dapo": 1.0, "bnpo": int(m.sum()) / max(n_items, 1)}.get(cfg.loss_type, (b - a) / B)
@@ -602,7 +605,12 @@ class GRPOTrainer(Trainer):
             ent_n += int(m.sum())
         metrics.update(sums)
         metrics["entropy"] = ent_sum / max(ent_n, 1)
+        lo, hi = metrics["completions/min_length"], metrics["completions/max_length"]
         metrics = self.world.all_mean(metrics)
+        if ddp:  # the extremes over all ranks' completions, not the mean of each rank's
+            ends = self.world.all_gather_objects((lo, hi))
+            metrics["completions/min_length"] = min(e[0] for e in ends)
+            metrics["completions/max_length"] = max(e[1] for e in ends)
         return self.world.all_mean({"loss": total})["loss"], metrics
 
     def _idle_backward(self) -> None:

@@ -1,7 +1,8 @@
 """The DeepSeek-R1 recipe end to end: ``r1x pipeline``.
 
 1. **SFT cold start**: the model (default: the ``tiny`` preset, fresh) learns the R1 template
-   and the task's scratchpad from a small set of reference completions.
+   and the task's scratchpad from worked examples; on the default task three in four of them
+   come from a solver that forgets to carry (:data:`TASK_DEFAULTS`).
 2. **GRPO** from the SFT checkpoint with rule-based rewards (accuracy + format).
 3. **Distillation** of the GRPO model into a smaller dense student (sequence-level: the
    teacher's verified chains of thought).
@@ -9,7 +10,9 @@
    GRPO) for the distillation's wall time, the R1 paper's "distillation vs RL on the small
    model" comparison.
 
-Each stage is evaluated on the task's held-out split (greedy; accuracy and format reward);
+Each stage is evaluated on the task's held-out split (greedy; accuracy and format reward, and
+on arithmetic ``forgot_carry``: the share of problems with a carry due that the model worked
+the carry-forgetting way);
 the output folder gets ``summary.json``, ``results.md`` (the table), ``metrics.jsonl`` (every
 stage's records), the PNG plots and each stage's checkpoints and final model.
 """
@@ -26,21 +29,21 @@ from typing import Any
 
 import torch
 
-__all__ = ["PipelineConfig", "run_pipeline", "DEFAULTS"]
+__all__ = ["PipelineConfig", "run_pipeline", "DEFAULTS", "TASK_DEFAULTS"]
 
-# The embedded default: the tiny model on 3-digit arithmetic, sized for a 2-core CPU (about
-# 7 minutes there). Keys are the stage configs' fields.
+# The embedded default: the tiny model on 3-digit arithmetic, sized for a 2-core CPU (512 s
+# there, measured). Keys are the stage configs' fields.
 DEFAULTS: dict[str, dict] = {
-    # the cold start: reference scratchpads, one pass over ~20k problems
+    # the cold start: worked examples (see TASK_DEFAULTS), one pass over ~20k problems
     "sft": dict(num_train_examples=20000, max_steps=1000, per_device_train_batch_size=32, learning_rate=3e-3,
                 warmup_ratio=0.05, logging_steps=20),
     # 16 prompts x 8 samples a step; Adam at a constant 1e-4 (2e-4 already undoes part of the cold start)
     "grpo": dict(max_steps=250, num_generations=8, per_device_train_batch_size=128, learning_rate=1e-4,
                  min_lr_ratio=1.0, warmup_ratio=0.05, max_completion_length=64, temperature=1.0, loss_type="dapo",
                  beta=0.0, logging_steps=5, eval_steps=50, num_train_examples=20000),
-    # the teacher's greedy chains of thought for 12k train prompts, the wrong ones rejected
-    "distill": dict(mode="sequence", num_prompts=12000, num_samples_per_prompt=1, teacher_temperature=0.0,
-                    max_steps=3000, per_device_train_batch_size=32, learning_rate=3e-3, warmup_ratio=0.05,
+    # the teacher's greedy chains of thought for 8k train prompts, the wrong ones rejected
+    "distill": dict(mode="sequence", num_prompts=8000, num_samples_per_prompt=1, teacher_temperature=0.0,
+                    max_steps=2000, per_device_train_batch_size=32, learning_rate=3e-3, warmup_ratio=0.05,
                     logging_steps=50),
     # the student: dense (no MoE), 2 layers of width 48, no MTP: under 1/3 of the teacher's parameters
     "student": dict(num_hidden_layers=2, first_k_dense_replace=2, hidden_size=48, intermediate_size=64,
@@ -48,13 +51,14 @@ DEFAULTS: dict[str, dict] = {
 }
 
 
-# GRPO's rewards per embedded task, where they differ from the task's own (accuracy + format,
-# which the held-out evaluation always uses): on arithmetic, a rule-checked process reward (the
-# share of scratchpad steps that are right) shapes the outcome reward; with it, 250 GRPO steps
-# took the cold start from 0.644 to 0.738 held-out accuracy, against 0.714 after 150 steps
-# without it (500 problems, greedy).
-GRPO_REWARDS: dict[str, dict] = {
-    "arithmetic": dict(reward_funcs=["accuracy", "format", "scratchpad"], reward_weights=[1.0, 1.0, 2.0]),
+# The embedded task's settings, under the user's ``task_kwargs``. On arithmetic the cold start
+# is imperfect on purpose, as R1's was (its chains came from R1-Zero and few-shot prompting,
+# unverified): three in four worked examples come from a solver that forgets to carry, their
+# answers following the flawed chain. SFT picks up the habit; GRPO, rewarded for right answers
+# only, drops it. ``task_kwargs.flawed_fraction=0`` gives the clean cold start (see the README
+# for what GRPO adds there).
+TASK_DEFAULTS: dict[str, dict] = {
+    "arithmetic": dict(flawed_fraction=0.75),
 }
 
 
@@ -122,6 +126,13 @@ class PipelineConfig:
                 cls.from_dict(self.stage_dict(stage))
             except (TypeError, ValueError) as e:
                 raise ValueError(f"PipelineConfig: `{stage}`: {e}") from None
+        from r1x.data import TASKS, get_task
+
+        if self.dataset in TASKS:
+            try:
+                get_task(self.dataset, **self.resolved_task_kwargs())
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"PipelineConfig: `task_kwargs`: {e}") from None
         if self.model in PRESETS:
             try:
                 DeepSeekConfig.preset(self.model, **self.student_overrides())
@@ -130,16 +141,18 @@ class PipelineConfig:
 
     def stage_dict(self, stage: str) -> dict:
         base = dict(output_dir=os.path.join(self.output_dir, stage), seed=self.seed, dataset=self.dataset,
-                    task_kwargs=dict(self.task_kwargs), eval_examples=self.eval_examples,
+                    task_kwargs=self.resolved_task_kwargs(), eval_examples=self.eval_examples,
                     eval_max_new_tokens=self.eval_max_new_tokens, dtype=self.dtype, fp8=self.fp8,
                     num_threads=self.num_threads, save_steps=self.save_steps, progress=self.progress,
                     resume=self.resume)
         key = "distill" if stage in ("distill",) else ("grpo" if stage.startswith("baseline_grpo") else stage)
         key = "sft" if stage == "baseline_sft" else key
         own = getattr(self, key)
-        shaping = {} if key != "grpo" or "reward_funcs" in own or "reward_weights" in own else \
-            GRPO_REWARDS.get(self.dataset, {})
-        return {**base, **copy.deepcopy(DEFAULTS[key]), **copy.deepcopy(shaping), **copy.deepcopy(own)}
+        return {**base, **copy.deepcopy(DEFAULTS[key]), **copy.deepcopy(own)}
+
+    def resolved_task_kwargs(self) -> dict:
+        """The task's settings: :data:`TASK_DEFAULTS` for the dataset under ``task_kwargs``."""
+        return {**copy.deepcopy(TASK_DEFAULTS.get(self.dataset, {})), **copy.deepcopy(self.task_kwargs)}
 
     def student_overrides(self) -> dict:
         return {**self.model_overrides, **DEFAULTS["student"], **self.student}
@@ -161,9 +174,30 @@ def _evaluate(path: str, cfg: PipelineConfig, examples: list[dict], rewards) -> 
     model = DeepSeekForCausalLM.from_pretrained(_final(path), dtype=getattr(torch, cfg.dtype),
                                                 device="cuda" if torch.cuda.is_available() else "cpu")
     res = evaluate_generations(model, load_tokenizer(_final(path)), examples, rewards,
-                               max_new_tokens=cfg.eval_max_new_tokens)
+                               max_new_tokens=cfg.eval_max_new_tokens, return_completions=True)
+    texts = res.pop("_completions")
+    if cfg.dataset == "arithmetic":
+        res["forgot_carry"] = forgot_carry_share(examples, texts)
     res["parameters"] = model.num_parameters(include_mtp=False)
     return res
+
+
+def forgot_carry_share(examples: list[dict], texts: list[str]) -> float:
+    """Among the arithmetic ``examples`` with a carry (or borrow) due, the share whose
+    completion's scratchpad is exactly the carry-forgetting solver's
+    (``forget_carry=True``): the habit the default cold start teaches and GRPO removes."""
+    from r1x.data import split_completion
+    from r1x.data.tasks import add_scratchpad, mul_scratchpad, sub_scratchpad
+
+    pads = {"+": add_scratchpad, "-": sub_scratchpad, "*": mul_scratchpad}
+    due = slips = 0
+    for ex, text in zip(examples, texts):
+        pad = pads[ex["op"]]
+        flawed = pad(ex["a"], ex["b"], forget_carry=True)
+        if flawed != pad(ex["a"], ex["b"]):
+            due += 1
+            slips += split_completion(text)[0] == flawed
+    return slips / due if due else 0.0
 
 
 def run_pipeline(cfg: PipelineConfig, log=print) -> dict:
@@ -179,7 +213,8 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict:
         torch.set_num_threads(cfg.num_threads)
     os.makedirs(cfg.output_dir, exist_ok=True)
     out = cfg.output_dir
-    summary: dict[str, Any] = {"config": dataclasses.asdict(cfg), "stages": {}, "seconds": {}}
+    summary: dict[str, Any] = {"config": dataclasses.asdict(cfg), "task_kwargs": cfg.resolved_task_kwargs(),
+                               "stages": {}, "seconds": {}}
     sum_path = os.path.join(out, "summary.json")
     if cfg.resume and os.path.exists(sum_path):
         with open(sum_path, encoding="utf-8") as f:
@@ -265,16 +300,19 @@ def _merge_metrics(out: str) -> None:
 
 def results_table(summary: dict) -> str:
     """The per-stage table (markdown): held-out accuracy, format reward, parameters, time."""
-    rows = [("stage", "held-out accuracy", "format reward", "parameters", "seconds")]
+    carry = any("forgot_carry" in r for r in summary["stages"].values())
+    rows = [("stage", "held-out accuracy", "format reward") + (("carry forgotten",) if carry else ())
+            + ("parameters", "seconds")]
     label = {"sft": "SFT cold start (teacher)", "grpo": "+ GRPO (teacher)", "distill": "distilled student",
              "baseline_sft": "student: cold start", "baseline_grpo": "student: cold start + GRPO"}
     for name, r in summary["stages"].items():
         if "skipped" in r:
-            rows.append((label.get(name, name), "skipped", "", "", ""))
+            rows.append((label.get(name, name), "skipped") + ("",) * (len(rows[0]) - 2))
             continue
         acc = r.get("accuracy", r.get("countdown", float("nan")))
-        rows.append((label.get(name, name), f"{acc:.3f}", f"{r.get('format', float('nan')):.3f}",
-                     f"{r.get('parameters', 0):,}", f"{r.get('seconds') or 0:.0f}"))
+        rows.append((label.get(name, name), f"{acc:.3f}", f"{r.get('format', float('nan')):.3f}")
+                    + ((f"{r['forgot_carry']:.3f}" if "forgot_carry" in r else "",) if carry else ())
+                    + (f"{r.get('parameters', 0):,}", f"{r.get('seconds') or 0:.0f}"))
     w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     fmt = lambda r: "| " + " | ".join(c.rjust(w[i]) for i, c in enumerate(r)) + " |"  # noqa: E731
     return "\n".join([fmt(rows[0]), "|" + "|".join("-" * (x + 2) for x in w) + "|"] + [fmt(r) for r in rows[1:]])
@@ -298,18 +336,34 @@ def plot_pipeline(out: str, summary: dict | None = None) -> list[str]:
     if summary and summary.get("stages"):
         ax = axes[-1]
         names = list(summary["stages"])
-        accs = [summary["stages"][n].get("accuracy", summary["stages"][n].get("countdown", 0.0)) or 0.0 for n in names]
-        bars = ax.bar(range(len(names)), accs, color="tab:blue")
-        ax.bar_label(bars, labels=[f"{a:.2f}" for a in accs], fontsize=8)
+        st = summary["stages"]
+        accs = [st[n].get("accuracy", st[n].get("countdown", 0.0)) or 0.0 for n in names]
+        slips = [st[n].get("forgot_carry") for n in names]
+        w = 0.4 if any(v is not None for v in slips) else 0.8
+        bars = ax.bar([i - (w / 2 if w < 0.8 else 0) for i in range(len(names))], accs, width=w,
+                      color="tab:blue", label="accuracy")
+        ax.bar_label(bars, labels=[f"{a:.2f}" for a in accs], fontsize=7)
+        if w < 0.8:
+            bars = ax.bar([i + w / 2 for i in range(len(names))], [v or 0.0 for v in slips], width=w,
+                          color="tab:red", label="carry forgotten")
+            ax.bar_label(bars, labels=[f"{v:.2f}" if v is not None else "" for v in slips], fontsize=7)
+            ax.legend(fontsize=7, loc="upper left")
         ax.set_xticks(range(len(names)), [n.replace("baseline_", "baseline\n") for n in names], fontsize=8)
         ax.set_ylim(0, 1.05)
-        ax.set_title("held-out accuracy per stage", fontsize=10)
+        ax.set_title("held-out, per stage", fontsize=10)
         ax.grid(alpha=0.3, axis="y")
     else:
         axes[-1].axis("off")
+    stages = (summary or {}).get("stages", {})
     for ax, (key, title) in zip(axes, panels):
         for stage in dict.fromkeys(r["stage"] for r in recs):
             pts = [(r["step"], r[key]) for r in recs if r["stage"] == stage and key in r]
+            start = {"grpo": "sft", "baseline_grpo": "baseline_sft"}.get(stage)
+            if key == "eval/accuracy" and pts and start in stages and stage in stages:
+                # the RL curve from its starting checkpoint's score to its final one (the table's)
+                last = max(r["step"] for r in recs if r["stage"] == stage)
+                pts = [(0, stages[start].get("accuracy"))] + pts + [(last, stages[stage].get("accuracy"))]
+                pts = [(x, y) for x, y in dict(pts).items() if y is not None]
             if pts:
                 ax.plot(*zip(*pts), label=stage, marker="." if len(pts) < 30 else None)
         if not ax.lines:
