@@ -15,7 +15,7 @@ from conftest import SESSION_SEED
 
 from r1x.data import (R1_SYSTEM, TASKS, ArithmeticTask, CountdownTask, apply_template, encode_prompt, encode_sft,
                       format_completion, get_task, load_dataset, load_jsonl, save_jsonl, split_completion)
-from r1x.data.tasks import add_scratchpad, mul_scratchpad, solve_countdown, sub_scratchpad
+from r1x.data.tasks import add_scratchpad, arithmetic_scratchpad, mul_scratchpad, solve_countdown, sub_scratchpad
 from r1x.model.tokenizer import ByteTokenizer
 
 
@@ -324,10 +324,9 @@ def test_scratchpad_and_flawed_fractions():
         wrong = 0
         for r in worked:
             think, said = split_completion(r["completion"])
-            right = {"+": add_scratchpad, "-": sub_scratchpad, "*": mul_scratchpad}[r["op"]](r["a"], r["b"])
+            right = arithmetic_scratchpad(r["a"], r["op"], r["b"])
             if think != right:  # a flawed pad: the no-carry solver's, its own answer stated
-                bad = {"+": add_scratchpad, "-": sub_scratchpad, "*": mul_scratchpad}[r["op"]](
-                    r["a"], r["b"], forget_carry=True)
+                bad = arithmetic_scratchpad(r["a"], r["op"], r["b"], forget_carry=True)
                 assert think == bad and said == bad.rsplit(">", 1)[1]
                 wrong += said != r["answer"]
             else:
@@ -343,6 +342,9 @@ def test_scratchpad_and_flawed_fractions():
     assert sub_scratchpad(159, 372, forget_carry=True) == "159<372,12-9=3>3,7-5=2>23,3-1=2>-223"
     assert mul_scratchpad(372, 7, forget_carry=True) == "2*7=14>4,7*7=49>94,3*7=21>2194"
     assert add_scratchpad(12, 34, forget_carry=True) == add_scratchpad(12, 34)  # no carry due
+    assert arithmetic_scratchpad(372, "-", 159) == sub_scratchpad(372, 159)
+    with pytest.raises(ValueError, match="op"):
+        arithmetic_scratchpad(3, "/", 1)
 
 
 def test_small_problem_space_repeats_instead_of_looping():

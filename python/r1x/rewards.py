@@ -518,17 +518,17 @@ def _scratchpad_steps(completions, a, b, op, who: str) -> list[tuple[list[tuple[
     None without ``<think>...</think>``. Steps are the comma-separated parts of the think text,
     compared in place with the reference pad of ``a op b``; the offset is where the step ends
     in the completion text (the last character's index + 1)."""
-    from r1x.data.tasks import add_scratchpad, mul_scratchpad, sub_scratchpad
+    from r1x.data.tasks import arithmetic_scratchpad
 
     texts = _texts(completions)
     n = len(texts)
     a, b, op = _column(a, "a", n), _column(b, "b", n), _column(op, "op", n)
-    pads = {"+": add_scratchpad, "-": sub_scratchpad, "*": mul_scratchpad}
     out = []
     for text, x, y, o in zip(texts, a, b, op):
-        if o not in pads or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (x, y)):
+        if o not in ("+", "-", "*") or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                               for v in (x, y)):
             raise ValueError(f"{who}: need non-negative int `a`, `b` and `op` in '+-*', got {x!r} {o!r} {y!r}")
-        ref = pads[o](x, y).split(",")
+        ref = arithmetic_scratchpad(x, o, y).split(",")
         m = _THINK_RE.search(text)
         if m is None:
             out.append(None)

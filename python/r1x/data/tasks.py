@@ -41,7 +41,7 @@ from fractions import Fraction
 from r1x.data.template import format_completion
 
 __all__ = ["Task", "ArithmeticTask", "CountdownTask", "get_task", "TASKS", "add_scratchpad", "sub_scratchpad",
-           "mul_scratchpad", "solve_countdown"]
+           "mul_scratchpad", "arithmetic_scratchpad", "solve_countdown"]
 
 _SPLITS = ("train", "test")
 _HASH_RANGE = 1 << 64
@@ -188,6 +188,14 @@ def mul_scratchpad(a: int, d: int, forget_carry: bool = False) -> str:
     return ",".join(steps)
 
 
+def arithmetic_scratchpad(a: int, op: str, b: int, forget_carry: bool = False) -> str:
+    """The pad of ``a op b`` for ``op`` in ``"+-*"`` (:func:`add_scratchpad` and its siblings)."""
+    pads = {"+": add_scratchpad, "-": sub_scratchpad, "*": mul_scratchpad}
+    if op not in pads:
+        raise ValueError(f"op must be one of '+', '-', '*', got {op!r}")
+    return pads[op](a, b, forget_carry=forget_carry)
+
+
 class ArithmeticTask(Task):
     """``a+b``, ``a-b`` with ``min_digits..max_digits``-digit operands, and ``a*d`` with a
     single-digit ``d`` in 2..9. Prompt ``"372+459"``; columns ``a``, ``b``, ``op``.
@@ -232,16 +240,15 @@ class ArithmeticTask(Task):
         op = rng.choice(self.ops)
         a = self._operand(rng)
         b = rng.randint(2, 9) if op == "*" else self._operand(rng)
-        value, pad = {"+": (a + b, add_scratchpad), "-": (a - b, sub_scratchpad), "*": (a * b, mul_scratchpad)}[op]
-        answer = str(value)
+        answer = str({"+": a + b, "-": a - b, "*": a * b}[op])
         ex = {"prompt": f"{a}{op}{b}", "answer": answer, "a": a, "b": b, "op": op}
         if self._hash_unit("pad", ex) >= self.scratchpad_fraction:
             ex["completion"] = format_completion("", answer)
         elif self._hash_unit("flaw", ex) < self.flawed_fraction:
-            think = pad(a, b, forget_carry=True)  # its answer follows the flawed chain
+            think = arithmetic_scratchpad(a, op, b, forget_carry=True)  # its answer follows the flawed chain
             ex["completion"] = format_completion(think, think.rsplit(">", 1)[1])
         else:
-            ex["completion"] = format_completion(pad(a, b), answer)
+            ex["completion"] = format_completion(arithmetic_scratchpad(a, op, b), answer)
         return ex
 
     def key(self, example: dict) -> str:

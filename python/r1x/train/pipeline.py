@@ -187,14 +187,12 @@ def forgot_carry_share(examples: list[dict], texts: list[str]) -> float:
     completion's scratchpad is exactly the carry-forgetting solver's
     (``forget_carry=True``): the habit the default cold start teaches and GRPO removes."""
     from r1x.data import split_completion
-    from r1x.data.tasks import add_scratchpad, mul_scratchpad, sub_scratchpad
+    from r1x.data.tasks import arithmetic_scratchpad
 
-    pads = {"+": add_scratchpad, "-": sub_scratchpad, "*": mul_scratchpad}
     due = slips = 0
     for ex, text in zip(examples, texts):
-        pad = pads[ex["op"]]
-        flawed = pad(ex["a"], ex["b"], forget_carry=True)
-        if flawed != pad(ex["a"], ex["b"]):
+        flawed = arithmetic_scratchpad(ex["a"], ex["op"], ex["b"], forget_carry=True)
+        if flawed != arithmetic_scratchpad(ex["a"], ex["op"], ex["b"]):
             due += 1
             slips += split_completion(text)[0] == flawed
     return slips / due if due else 0.0
