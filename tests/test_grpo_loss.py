@@ -38,7 +38,7 @@ def ref_grpo(logps, old, ref, adv, mask, eps_lo, eps_hi, beta, loss_type, mcl=No
         for t in range(L):
             if not mk[b][t]:
                 continue
-            r, a = math.exp(lp[b][t] - od[b][t]), av[b]
+            r, a = math.exp(lp[b][t] - od[b][t]), (av[b][t] if isinstance(av[b], list) else av[b])
             v = -min(r * a, min(max(r, 1 - eps_lo), 1 + eps_hi) * a)
             if beta > 0:
                 d = rf[b][t] - lp[b][t]
@@ -389,26 +389,8 @@ def test_grpo_loss_per_token_advantages_match_reference(loss_type, beta, gen):
     logps.requires_grad_()
     loss, stats = grpo_loss(logps, old, ref, adv, mask, epsilon_low=0.1, epsilon_high=0.28, beta=beta,
                             loss_type=loss_type)
-    # the reference with one sequence per token row: a per-token advantage is the same
-    # arithmetic as a per-sequence one, token by token
-    want = 0.0
-    per = [[0.0] * L for _ in range(B)]
-    for b in range(B):
-        for t in range(L):
-            if mask[b, t]:
-                r, a = math.exp(logps[b, t].item() - old[b, t].item()), adv[b, t].item()
-                v = -min(r * a, min(max(r, 0.9), 1.28) * a)
-                if beta:
-                    d = ref[b, t].item() - logps[b, t].item()
-                    v += beta * (math.exp(d) - d - 1)
-                per[b][t] = v
-    n = int(mask.sum())
-    if loss_type == "grpo":
-        want = sum(sum(per[b]) / max(int(mask[b].sum()), 1) for b in range(B)) / B
-    elif loss_type in ("bnpo", "dapo"):
-        want = sum(map(sum, per)) / max(n, 1)
-    else:
-        want = sum(map(sum, per)) / (B * L)
+    want, want_stats = ref_grpo(logps.detach(), old, ref, adv, mask, 0.1, 0.28, beta, loss_type)
+    assert stats == pytest.approx(want_stats, rel=1e-10, abs=1e-12)
     assert loss.item() == pytest.approx(want, rel=1e-10, abs=1e-12)
     loss.backward()
     assert torch.isfinite(logps.grad).all() and not logps.grad[~mask].any()
