@@ -68,10 +68,13 @@ def weight_samples(device, gen):
 
 def gemm_samples(device, gen):
     """(a, a_scale, b, b_scale): scales that vary by 10^±4 between K blocks and N blocks (a
-    kernel applying one scale per row or per output fails), partial last N block, odd M and N."""
+    kernel applying one scale per row or per output fails), partial last N block, odd M and N;
+    M on both sides of the CPU kernels' switches (8 / 9 rows, 16-row vectors, 64-row panels,
+    256-row tiles) and N over several tiles (the next tile's weights are prefetched)."""
     out = []
     for m, n, k in [(1, 1, 128), (2, 33, 256), (3, 7, 256), (16, 128, 384), (129, 200, 512), (33, 300, 1024),
-                    (5, 64, 128), (64, 129, 1152), (5, 40, 4224), (0, 16, 256), (4, 0, 128)]:
+                    (5, 64, 128), (64, 129, 1152), (5, 40, 4224), (0, 16, 256), (4, 0, 128), (8, 70, 256),
+                    (9, 300, 256), (70, 520, 384), (300, 260, 256)]:
         a, b = random_fp8((m, k), generator=gen), random_fp8((n, k), generator=gen)
         sa = random_scales((m, k // 128), generator=gen)
         sb = random_scales(((n + 127) // 128, k // 128), generator=gen)

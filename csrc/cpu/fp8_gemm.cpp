@@ -26,11 +26,16 @@ void fp8_gemm(const GemmArgs& args) {
   at::parallel_for(0, tiles_m * tiles_n, 1, [&](int64_t begin, int64_t end) {
     at::Tensor scratch = at::empty({static_cast<int64_t>(plan.scratch_bytes) + 64}, at::kByte);
     void* sp = scratch.data_ptr();
+    TileCtx ctx;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t mt = t / tiles_n, nt = t % tiles_n;
       const int64_t m0 = mt * plan.tile_m, n0 = nt * plan.tile_n;
+      const int64_t next_n0 = (t + 1) % tiles_n * plan.tile_n;
+      ctx.next_n0 = next_n0;
+      ctx.next_n1 = t + 1 < end ? std::min(args.n, next_n0 + plan.tile_n) : 0;
+      if (ctx.next_n1 == 0) ctx.next_n0 = 0;
       kern.gemm_tile(args, plan, packed_ptr, m0, std::min(args.m, m0 + plan.tile_m), n0,
-                     std::min(args.n, n0 + plan.tile_n), sp);
+                     std::min(args.n, n0 + plan.tile_n), sp, ctx);
     }
   });
 }

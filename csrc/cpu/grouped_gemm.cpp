@@ -24,7 +24,8 @@ struct GroupJob {
   size_t packed_bytes, scratch_bytes;
 };
 
-// pack(g, u0, u1, packed_g); tile(g, packed_g, m0, m1, n0, n1, scratch)
+// pack(g, u0, u1, packed_g); tile(g, packed_g, m0, m1, n0, n1, scratch, ctx), where ctx names
+// the thread's next tile when it belongs to the same group (kernels.h)
 template <class Pack, class Tile>
 void run_groups(const std::vector<GroupJob>& jobs, Pack pack, Tile tile) {
   const int64_t groups = static_cast<int64_t>(jobs.size());
@@ -49,13 +50,17 @@ void run_groups(const std::vector<GroupJob>& jobs, Pack pack, Tile tile) {
   at::parallel_for(0, tile_start[groups], 1, [&](int64_t t0, int64_t t1) {
     at::Tensor buf = at::empty({static_cast<int64_t>(scratch) + 64}, at::kByte);
     void* sp = buf.data_ptr();
+    TileCtx ctx;
     int64_t g = std::upper_bound(tile_start.begin(), tile_start.end(), t0) - tile_start.begin() - 1;
     for (int64_t t = t0; t < t1; ++t) {
       while (t >= tile_start[g + 1]) ++g;
       const GroupJob& j = jobs[g];
       const int64_t local = t - tile_start[g];
       const int64_t m0 = (local / j.tiles_n) * j.tile_m, n0 = (local % j.tiles_n) * j.tile_n;
-      tile(g, base + packed_off[g], m0, std::min(j.m, m0 + j.tile_m), n0, std::min(j.n, n0 + j.tile_n), sp);
+      const bool next = t + 1 < t1 && t + 1 < tile_start[g + 1];
+      ctx.next_n0 = next ? (local + 1) % j.tiles_n * j.tile_n : 0;
+      ctx.next_n1 = next ? std::min(j.n, ctx.next_n0 + j.tile_n) : 0;
+      tile(g, base + packed_off[g], m0, std::min(j.m, m0 + j.tile_m), n0, std::min(j.n, n0 + j.tile_n), sp, ctx);
     }
   });
 }
@@ -79,8 +84,8 @@ void run_fgemm(const std::vector<FGemmArgs>& args) {
   }
   run_groups(
       jobs, [&](int64_t g, int64_t u0, int64_t u1, void* packed) { kern.pack(live[g], plans[g], u0, u1, packed); },
-      [&](int64_t g, const void* packed, int64_t m0, int64_t m1, int64_t n0, int64_t n1, void* sp) {
-        kern.tile(live[g], plans[g], packed, m0, m1, n0, n1, sp);
+      [&](int64_t g, const void* packed, int64_t m0, int64_t m1, int64_t n0, int64_t n1, void* sp,
+          TileCtx&) { kern.tile(live[g], plans[g], packed, m0, m1, n0, n1, sp);
       });
 }
 
@@ -172,8 +177,8 @@ void fp8_grouped_gemm(const uint8_t* a, const float* a_scale, const uint8_t* b,
         const int64_t pr = plans[g].pack_rows;
         kern.gemm_pack_a(args[g], plans[g], u0 * pr, std::min(args[g].m, u1 * pr), packed);
       },
-      [&](int64_t g, const void* packed, int64_t m0, int64_t m1, int64_t n0, int64_t n1, void* sp) {
-        kern.gemm_tile(args[g], plans[g], packed, m0, m1, n0, n1, sp);
+      [&](int64_t g, const void* packed, int64_t m0, int64_t m1, int64_t n0, int64_t n1, void* sp,
+          TileCtx& ctx) { kern.gemm_tile(args[g], plans[g], packed, m0, m1, n0, n1, sp, ctx);
       });
 }
 

@@ -26,13 +26,23 @@ struct GemmArgs {
 
 // How the driver splits a GEMM: it packs A once (gemm_pack_a over disjoint row ranges that
 // start at multiples of pack_rows), then runs gemm_tile over a grid of tile_m x tile_n
-// output tiles, each thread with its own scratch.
+// output tiles, each thread with its own scratch and TileCtx.
 struct GemmPlan {
   int64_t tile_m, tile_n;
   int64_t pack_rows;
   size_t packed_a_bytes;
   size_t scratch_bytes;
   int variant = 0;  // kernel-specific choice made by gemm_plan (e.g. another ISA's path)
+};
+
+// What one thread's gemm_tile calls share. Before every call the driver sets next_n0/next_n1 to
+// the columns of the tile this thread computes next for the same GemmArgs (next_n1 == 0: none),
+// so a kernel can prepare that tile's weights while it computes this one; `state` is zeroed
+// before the thread's first tile and is the kernels' own to keep across the calls.
+struct TileCtx {
+  int64_t next_n0 = 0, next_n1 = 0;
+  const void* state_ptr = nullptr;
+  int64_t state[2] = {0, 0};
 };
 
 struct Kernels {
@@ -47,7 +57,7 @@ struct Kernels {
   void (*gemm_pack_a)(const GemmArgs& args, const GemmPlan& plan, int64_t m0, int64_t m1,
                       void* packed);
   void (*gemm_tile)(const GemmArgs& args, const GemmPlan& plan, const void* packed, int64_t m0,
-                    int64_t m1, int64_t n0, int64_t n1, void* scratch);
+                    int64_t m1, int64_t n0, int64_t n1, void* scratch, TileCtx& ctx);
 };
 
 const Kernels& kernels_generic();

@@ -172,9 +172,9 @@ inline void block_128(const uint16_t* btiles, int64_t n16_stride, const uint16_t
 }
 
 void tile_amx(const GemmArgs& args, const GemmPlan& plan, const void* packed, int64_t m0,
-              int64_t m1, int64_t n0, int64_t n1, void* scratch) {
+              int64_t m1, int64_t n0, int64_t n1, void* scratch, TileCtx& ctx) {
   if (plan.variant == kVariantFma) {
-    return kernels_avx512().gemm_tile(args, plan, packed, m0, m1, n0, n1, scratch);
+    return kernels_avx512().gemm_tile(args, plan, packed, m0, m1, n0, n1, scratch, ctx);
   }
   configure_full_tiles();
 

@@ -176,7 +176,7 @@ void tile_rows(const GemmArgs& args, const float* a, int64_t m0, int64_t m1, int
 }
 
 void tile_avx2(const GemmArgs& args, const GemmPlan& plan, const void* packed, int64_t m0,
-               int64_t m1, int64_t n0, int64_t n1, void* scratch) {
+               int64_t m1, int64_t n0, int64_t n1, void* scratch, TileCtx&) {
   const float* a = static_cast<const float*>(packed);
   const int64_t tn = n1 - n0;
   float* acc = static_cast<float*>(scratch);

@@ -1,16 +1,28 @@
 // AVX-512 kernels (F/BW/VL/DQ/VBMI + AVX512_BF16).
 //
-// Within every 64 values of K, A and B are both held in decode64_f32_perm's lane order (dot
-// products do not care), which lets B be decoded with unpacks rather than byte permutes.
+// The FP8 GEMM has two engines:
 //
-// The GEMM runs on fp32 FMA: on current x86 cores a 512-bit FMA retires every cycle while
-// vdpbf16ps (the bf16 pair dot product) takes several, so decoding e4m3 to fp32 and using
-// FMA does more work per cycle. The scales are folded into A instead of promoting per-block
-// partial sums: a tile of n rows lies inside one 128-row weight block, so
-// A'[m, k] = a[m, k] * a_scale[m, kb] * b_scale[nb, kb] (one fp32 rounding) makes
-// out[m, n] = sum_k A'[m, k] * b[n, k], a plain fp32 dot product over all of K whose
-// rounding matches per-block promotion (DeepGEMM's) to within fp32 accumulation error.
-#include "cpu/avx512_util.h"
+// * decode-sized batches (m <= kFusedMaxRows) stream the weights exactly once with the e4m3
+//   decode fused into fp32 FMA dot products. The scales are folded into A: a tile of n rows lies
+//   inside one 128-row weight block, so A'[m, k] = a[m, k] * a_scale[m, kb] * b_scale[nb, kb]
+//   (one fp32 rounding) makes out[m, n] = sum_k A'[m, k] * b[n, k] a plain fp32 dot product over
+//   all of K whose rounding matches per-block promotion to within fp32 accumulation error.
+//   Within every 64 values of K, A and B are both held in decode64_f32_perm's lane order (dot
+//   products do not care), which lets B be decoded with unpacks rather than byte permutes.
+//
+// * everything larger runs on the VDPBF16PS engine (dpbf16_avx512.h), transposed: C^T = B A^T
+//   with A (the activations, decoded to bf16 and VNNI-packed once per call) as the vector
+//   operand and the decoded weight rows as the broadcast operand, so the large operand is only
+//   decoded, never transposed. Every e4m3 value is exactly a bf16 value and the product of two
+//   is exact in fp32, so each 128-wide K block is an fp32 sum of exact products; its partial
+//   sums are promoted into fp32 accumulators with a_scale[m, kb] * b_scale[nb, kb] (DeepGEMM's
+//   promotion). Small batches (one A panel) decode a tile's weight rows over all of K first, in
+//   memory order, while the next tile's rows are prefetched; larger ones decode one K block of
+//   the tile's rows at a time and reuse it across up to 256 rows of A.
+#include <algorithm>
+#include <cstring>
+
+#include "cpu/dpbf16_avx512.h"
 
 namespace r1x::cpu {
 namespace {
@@ -23,55 +35,29 @@ void dequantize_avx512(const uint8_t* q, int64_t n, float scale, float* out) {
   dequantize_avx512_impl(q, n, scale, out);
 }
 
-constexpr int kMr = 4;
-constexpr int kNr = 4;
+// ---- decode-sized batches: fused decode + fp32 FMA dot products ----------------------------
+constexpr int kVariantFused = 1;  // (also what kernels_amx.cpp's plan sets for its small batches)
+// Up to 8 rows (fused_tile's limit) the fused FMA path is faster than the engine, whose 16-row
+// vectors would be mostly padding (measured on Zen 4: M = 3: 0.61 vs 1.52 ms, M = 8: 1.65 vs
+// 1.89 ms for N = 7168, K = 2048).
+constexpr int64_t kFusedMaxRows = 8;
 
-GemmPlan plan_avx512(int64_t m, int64_t n, int64_t k) {
+GemmPlan plan_fused(int64_t m, int64_t k) {
   GemmPlan p;
-  p.tile_m = m < 64 ? m : 64;
+  p.tile_m = m;
   p.tile_n = 32;  // divides 128: a tile never straddles a weight block
   p.pack_rows = 1;
   p.packed_a_bytes = static_cast<size_t>(m * k) * 4;
-  p.scratch_bytes = static_cast<size_t>(p.tile_m * k + kNr * k + p.tile_m * p.tile_n) * 4;
+  p.scratch_bytes = static_cast<size_t>(p.tile_m * k + p.tile_m * p.tile_n) * 4;
+  p.variant = kVariantFused;
   return p;
 }
 
 // A decoded once to exact fp32 values.
-void pack_a_avx512(const GemmArgs& args, const GemmPlan&, int64_t m0, int64_t m1, void* packed) {
+void pack_a_fused(const GemmArgs& args, int64_t m0, int64_t m1, void* packed) {
   const E4m3Decoder dec;
   dec.decode_row_f32(args.a + m0 * args.k, (m1 - m0) * args.k,
                      static_cast<float*>(packed) + m0 * args.k);
-}
-
-// out[i][j] = dot(a[i], b[j]) over k, fp32 FMA with MR x NR accumulators.
-template <int MR, int NR>
-inline void micro(const float* a, const float* b, int64_t k, float* out, int64_t ldo) {
-  __m512 acc[MR][NR];
-  _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i)
-    _Pragma("GCC unroll 8") for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
-  for (int64_t c = 0; c < k; c += 16) {
-    __m512 bv[NR];
-    _Pragma("GCC unroll 8") for (int j = 0; j < NR; ++j) bv[j] = _mm512_loadu_ps(b + j * k + c);
-    _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) {
-      const __m512 av = _mm512_loadu_ps(a + i * k + c);
-      _Pragma("GCC unroll 8") for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_fmadd_ps(av, bv[j], acc[i][j]);
-    }
-  }
-  _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i)
-    _Pragma("GCC unroll 8") for (int j = 0; j < NR; ++j) out[i * ldo + j] = _mm512_reduce_add_ps(acc[i][j]);
-}
-
-template <int NR>
-inline void rows_of_b(const float* as, int64_t tm, int64_t k, const float* bbuf, float* acc,
-                      int64_t tn) {
-  int64_t i = 0;
-  for (; i + kMr <= tm; i += kMr) micro<kMr, NR>(as + i * k, bbuf, k, acc + i * tn, tn);
-  switch (tm - i) {
-    case 3: micro<3, NR>(as + i * k, bbuf, k, acc + i * tn, tn); break;
-    case 2: micro<2, NR>(as + i * k, bbuf, k, acc + i * tn, tn); break;
-    case 1: micro<1, NR>(as + i * k, bbuf, k, acc + i * tn, tn); break;
-    default: break;
-  }
 }
 
 // Decode fused into the dot products (no B buffer), for tiles of at most two rows of A: B
@@ -98,23 +84,24 @@ inline void fused_rows(const E4m3Decoder& dec, const float* as, const uint8_t* b
     _Pragma("GCC unroll 8") for (int j = 0; j < NR; ++j) out[i * ldo + j] = _mm512_reduce_add_ps(acc[i][j]);
 }
 
+// NR weight rows per pass: MR x NR accumulators plus four decoded vectors stay in registers.
 template <int MR>
 inline void fused_tile(const E4m3Decoder& dec, const float* as, const GemmArgs& args, int64_t n0,
                        int64_t n1, float* acc, int64_t tn) {
+  constexpr int NR = MR <= 4 ? 4 : 2;
   const int64_t k = args.k;
   int64_t n = n0;
-  for (; n + kNr <= n1; n += kNr) fused_rows<MR, kNr>(dec, as, args.b + n * k, k, acc + (n - n0), tn);
+  for (; n + NR <= n1; n += NR) fused_rows<MR, NR>(dec, as, args.b + n * k, k, acc + (n - n0), tn);
   for (; n < n1; ++n) fused_rows<MR, 1>(dec, as, args.b + n * k, k, acc + (n - n0), tn);
 }
 
-void tile_avx512(const GemmArgs& args, const GemmPlan& plan, const void* packed, int64_t m0,
-                 int64_t m1, int64_t n0, int64_t n1, void* scratch) {
+void tile_fused(const GemmArgs& args, const void* packed, int64_t m0, int64_t m1, int64_t n0,
+                int64_t n1, void* scratch) {
   const E4m3Decoder dec;
   const float* a = static_cast<const float*>(packed);
   const int64_t k = args.k, kblocks = k / kGemmBlock, tm = m1 - m0, tn = n1 - n0;
   float* as = static_cast<float*>(scratch);  // [tm][k]: A with both scales folded in
-  float* bbuf = as + plan.tile_m * k;        // [kNr][k]: decoded rows of B
-  float* acc = bbuf + kNr * k;               // [tm][tn]
+  float* acc = as + tm * k;                  // [tm][tn]
   const float* sb = args.b_scale + (n0 / kGemmBlock) * kblocks;
   for (int64_t i = 0; i < tm; ++i) {
     const float* src = a + (m0 + i) * k;
@@ -129,27 +116,182 @@ void tile_avx512(const GemmArgs& args, const GemmPlan& plan, const void* packed,
       }
     }
   }
-  if (tm == 2) {
-    fused_tile<2>(dec, as, args, n0, n1, acc, tn);
-  } else if (tm == 1) {
-    fused_tile<1>(dec, as, args, n0, n1, acc, tn);
-  } else {
-    for (int64_t n = n0; n < n1; n += kNr) {
-      const int64_t rows = n1 - n < kNr ? n1 - n : kNr;
-      dec.decode_row_f32<true>(args.b + n * k, rows * k, bbuf);  // the rows are contiguous
-      float* out = acc + (n - n0);
-      switch (rows) {
-        case 4: rows_of_b<4>(as, tm, k, bbuf, out, tn); break;
-        case 3: rows_of_b<3>(as, tm, k, bbuf, out, tn); break;
-        case 2: rows_of_b<2>(as, tm, k, bbuf, out, tn); break;
-        default: rows_of_b<1>(as, tm, k, bbuf, out, tn); break;
-      }
-    }
+  switch (tm) {
+    case 1: fused_tile<1>(dec, as, args, n0, n1, acc, tn); break;
+    case 2: fused_tile<2>(dec, as, args, n0, n1, acc, tn); break;
+    case 3: fused_tile<3>(dec, as, args, n0, n1, acc, tn); break;
+    case 4: fused_tile<4>(dec, as, args, n0, n1, acc, tn); break;
+    case 5: fused_tile<5>(dec, as, args, n0, n1, acc, tn); break;
+    case 6: fused_tile<6>(dec, as, args, n0, n1, acc, tn); break;
+    case 7: fused_tile<7>(dec, as, args, n0, n1, acc, tn); break;
+    default: fused_tile<8>(dec, as, args, n0, n1, acc, tn); break;
   }
   const size_t esize = args.out_dtype == DType::kF32 ? 4 : 2;
   for (int64_t i = 0; i < tm; ++i)
     store_f32_row(acc + i * tn, tn, args.out_dtype,
                   static_cast<char*>(args.out) + ((m0 + i) * args.n + n0) * esize);
+}
+
+// ---- everything else: the VDPBF16PS engine, C^T = B A^T -------------------------------------
+constexpr int kVariantEngine = 2;
+constexpr int64_t kPanel = 64;  // rows of A per VNNI panel (4 vectors of 16)
+constexpr int64_t kPairsPerBlock = kGemmBlock / 2;
+constexpr int64_t kStrip = 16;  // weight rows decoded at a time (one K block of them: 4 KB of bf16)
+// Decoded rows are padded by 64 bytes, so that the rows one micro-kernel broadcasts from do not
+// fall into the same L1 sets.
+constexpr int64_t kRowStride = kGemmBlock + 32;
+// A tile's e4m3 weight rows (tile_n x K bytes) are prefetched into L2 during the thread's
+// previous tile; the two tiles' rows stay within about half of a 1-2 MB L2.
+constexpr int64_t kTileBytes = 384 << 10;
+constexpr int64_t kTileM = 256;  // rows of A per tile: each tile decodes its weight rows once
+constexpr int64_t kTileNMax = 128;
+
+inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t round_up(int64_t a, int64_t b) { return cdiv(a, b) * b; }
+inline int panel_mrv(int64_t m, int64_t p) {
+  return static_cast<int>(cdiv(std::min(kPanel, m - p * kPanel), 16));
+}
+
+// Packed A: panel p (rows 64p ..) at p * 64 * k bf16, [k / 2 pairs][16 * mrv] dwords; then the
+// scales transposed, [k / 128][round_up(m, 64)] (zero for padding rows).
+inline size_t panels_bytes(int64_t m, int64_t k) {
+  return static_cast<size_t>(round_up(m, kPanel) * k) * 2;
+}
+
+GemmPlan plan_avx512(int64_t m, int64_t n, int64_t k) {
+  if (m <= kFusedMaxRows) return plan_fused(m, k);
+  GemmPlan p;
+  p.variant = kVariantEngine;
+  const int64_t mp = round_up(m, kPanel);
+  p.pack_rows = kPanel;
+  p.packed_a_bytes = panels_bytes(m, k) + static_cast<size_t>(mp * (k / kGemmBlock)) * 4;
+  p.tile_m = std::min(mp, kTileM);
+  int64_t tn = kTileNMax;
+  while (tn > kStrip && tn * k > kTileBytes) tn /= 2;
+  p.tile_n = tn;
+  p.scratch_bytes = static_cast<size_t>(kStrip * kRowStride) * 2 + static_cast<size_t>(tn * p.tile_m) * 4;
+  return p;
+}
+
+void pack_a_avx512(const GemmArgs& args, const GemmPlan& plan, int64_t m0, int64_t m1, void* packed) {
+  if (plan.variant == kVariantFused) return pack_a_fused(args, m0, m1, packed);
+  const E4m3Decoder dec;
+  const int64_t m = args.m, k = args.k, kblocks = k / kGemmBlock, mp = round_up(m, kPanel);
+  uint16_t* base = static_cast<uint16_t*>(packed);
+  float* at = reinterpret_cast<float*>(static_cast<char*>(packed) + panels_bytes(m, k));
+  for (int64_t p = m0 / kPanel; p < cdiv(m1, kPanel); ++p) {
+    const int mrv = panel_mrv(m, p);
+    uint32_t* panel = reinterpret_cast<uint32_t*>(base + p * kPanel * k);
+    for (int v = 0; v < mrv; ++v) {
+      for (int64_t k64 = 0; k64 < k; k64 += 64) {
+        // 16 rows x 64 k: decoded (pairs in decode64_perm's order, as B's), then transposed so
+        // that pair q of the 16 rows is one vector
+        __m512i lo[16], hi[16];
+        for (int r = 0; r < 16; ++r) {
+          const int64_t row = p * kPanel + v * 16 + r;
+          if (row < m) {
+            dec.decode64_perm(args.a + row * k + k64, lo[r], hi[r]);
+          } else {
+            lo[r] = hi[r] = _mm512_setzero_si512();
+          }
+        }
+        transpose16x16_dw(lo);
+        transpose16x16_dw(hi);
+        uint32_t* dst = panel + (k64 / 2) * 16 * mrv + 16 * v;
+        for (int q = 0; q < 16; ++q) {
+          _mm512_storeu_si512(dst + q * 16 * mrv, lo[q]);
+          _mm512_storeu_si512(dst + (16 + q) * 16 * mrv, hi[q]);
+        }
+      }
+    }
+    for (int64_t row = p * kPanel; row < (p + 1) * kPanel; ++row)
+      for (int64_t kb = 0; kb < kblocks; ++kb)
+        at[kb * mp + row] = row < m ? args.a_scale[row * kblocks + kb] : 0.0f;
+  }
+}
+
+// out[m0 + i][n0 + j] = ct[j][i] for i < tm, j < tn (ct rows ldc floats apart): 16 x 16 blocks
+// transposed in registers.
+inline void store_transposed(const float* ct, int64_t ldc, int64_t tm, int64_t tn,
+                             const GemmArgs& args, int64_t m0, int64_t n0) {
+  const bool f32 = args.out_dtype == DType::kF32;
+  for (int64_t j0 = 0; j0 < tn; j0 += 16) {
+    const int64_t nj = std::min<int64_t>(16, tn - j0);
+    const __mmask16 mask = static_cast<__mmask16>(nj == 16 ? 0xffff : (1u << nj) - 1);
+    for (int64_t i0 = 0; i0 < tm; i0 += 16) {
+      __m512i v[16];
+      for (int j = 0; j < 16; ++j)
+        v[j] = j < nj ? _mm512_loadu_si512(ct + (j0 + j) * ldc + i0) : _mm512_setzero_si512();
+      transpose16x16_dw(v);
+      const int64_t ni = std::min<int64_t>(16, tm - i0);
+      for (int64_t i = 0; i < ni; ++i) {
+        const int64_t o = (m0 + i0 + i) * args.n + n0 + j0;
+        const __m512 x = _mm512_castsi512_ps(v[i]);
+        if (f32) {
+          _mm512_mask_storeu_ps(static_cast<float*>(args.out) + o, mask, x);
+        } else {
+          _mm256_mask_storeu_epi16(static_cast<uint16_t*>(args.out) + o, mask,
+                                   (__m256i)_mm512_cvtneps_pbh(x));
+        }
+      }
+    }
+  }
+}
+
+// Prefetches lines [l0, l1) of the bytes at p into L2.
+inline void prefetch_lines(const uint8_t* p, int64_t l0, int64_t l1) {
+  for (int64_t l = l0; l < l1; ++l) _mm_prefetch(reinterpret_cast<const char*>(p + l * 64), _MM_HINT_T1);
+}
+
+void tile_avx512(const GemmArgs& args, const GemmPlan& plan, const void* packed, int64_t m0,
+                 int64_t m1, int64_t n0, int64_t n1, void* scratch, TileCtx& ctx) {
+  if (plan.variant == kVariantFused) return tile_fused(args, packed, m0, m1, n0, n1, scratch);
+  const E4m3Decoder dec;
+  const int64_t m = args.m, k = args.k, kblocks = k / kGemmBlock, mp = round_up(m, kPanel);
+  const int64_t rows = n1 - n0, strips = cdiv(rows, kStrip);
+  const uint16_t* panels = static_cast<const uint16_t*>(packed);
+  const float* at = reinterpret_cast<const float*>(static_cast<const char*>(packed) + panels_bytes(m, k));
+  const float* sb = args.b_scale + (n0 / kGemmBlock) * kblocks;
+  const int64_t p0 = m0 / kPanel, p1 = cdiv(m1, kPanel), ldc = (p1 - p0) * kPanel;
+  uint16_t* bd = static_cast<uint16_t*>(scratch);                           // [kStrip][kRowStride]
+  float* ct = reinterpret_cast<float*>(bd + kStrip * kRowStride);           // [strips * 16][ldc]: C^T
+
+  // The next tile's weight rows (contiguous in B) are prefetched into L2 a slice per step, so
+  // they arrive while this tile computes; this tile's were, during the previous one (else the
+  // first K block waits for memory).
+  const uint8_t* next = args.b + ctx.next_n0 * k;
+  const int64_t next_lines = (ctx.next_n1 - ctx.next_n0) * k / 64;
+  const int64_t steps = kblocks * strips;
+  int64_t step = 0;
+
+  std::memset(ct, 0, static_cast<size_t>(strips * kStrip * ldc) * 4);
+  for (int64_t kb = 0; kb < kblocks; ++kb) {
+    for (int64_t s = 0; s < strips; ++s, ++step) {
+      // one K block of 16 weight rows -> bf16 (rows past n1: zeros), used at once from L1
+      const int64_t r0 = n0 + s * kStrip, r1 = std::min(n1, r0 + kStrip);
+      for (int64_t r = r0; r < r1; ++r) {
+        const uint8_t* src = args.b + r * k + kb * kGemmBlock;
+        uint16_t* d = bd + (r - r0) * kRowStride;
+        for (int64_t j = 0; j < kGemmBlock; j += 64) {
+          __m512i o0, o1;
+          dec.decode64_perm(src + j, o0, o1);
+          _mm512_storeu_si512(d + j, o0);
+          _mm512_storeu_si512(d + j + 32, o1);
+        }
+      }
+      for (int64_t r = r1 - r0; r < kStrip; ++r) std::memset(bd + r * kRowStride, 0, kGemmBlock * 2);
+      prefetch_lines(next, next_lines * step / steps, next_lines * (step + 1) / steps);
+      for (int64_t p = p0; p < p1; ++p) {
+        const int mrv = panel_mrv(m, p);
+        const uint32_t* panel = reinterpret_cast<const uint32_t*>(panels + p * kPanel * k);
+        dp_panel<Epi::kScaleAdd>(mrv, panel + kb * kPairsPerBlock * 16 * mrv,
+                                 reinterpret_cast<const uint32_t*>(bd), kRowStride / 2, kStrip,
+                                 kPairsPerBlock, ct + s * kStrip * ldc + (p - p0) * kPanel, ldc,
+                                 at + kb * mp + p * kPanel, sb[kb]);
+      }
+    }
+  }
+  store_transposed(ct, ldc, m1 - m0, rows, args, m0, n0);
 }
 
 }  // namespace

@@ -61,7 +61,7 @@ float dot128(const float* a, const float* b) {
 }
 
 void tile_generic(const GemmArgs& args, const GemmPlan& plan, const void* packed, int64_t m0,
-                  int64_t m1, int64_t n0, int64_t n1, void* scratch) {
+                  int64_t m1, int64_t n0, int64_t n1, void* scratch, TileCtx&) {
   const float* a = static_cast<const float*>(packed);
   const float* t = decode_table().v;
   const int64_t k = args.k, kblocks = k / kGemmBlock, tn = n1 - n0;
