@@ -8,6 +8,7 @@
 #include <stdexcept>
 
 #include "cpu/isa.h"
+#include "cpu/kernels.h"
 
 namespace {
 
@@ -112,11 +113,23 @@ PyObject* py_set_cpu_isa(PyObject*, PyObject* arg) {
   }
 }
 
+PyObject* py_cpu_peak(PyObject*, PyObject*) {
+  const r1x::cpu::Kernels& kern = r1x::cpu::active_kernels();
+  double gflops = 0.0;
+  Py_BEGIN_ALLOW_THREADS gflops = r1x::cpu::peak_gflops(kern);
+  Py_END_ALLOW_THREADS
+  if (kern.peak_probe == nullptr) Py_RETURN_NONE;
+  return Py_BuildValue("(ds)", gflops, kern.peak_unit);
+}
+
 PyMethodDef methods[] = {
     {"cpu_isa", py_cpu_isa, METH_NOARGS, "The ISA level the CPU kernels use now."},
     {"detected_cpu_isa", py_detected_cpu_isa, METH_NOARGS, "The best ISA level this CPU supports."},
     {"set_cpu_isa", py_set_cpu_isa, METH_O,
      "Cap the CPU kernels' ISA level (generic, avx2, avx512, amx); returns the previous cap."},
+    {"cpu_peak", py_cpu_peak, METH_NOARGS,
+     "(GFLOP/s, instruction): the measured peak of the active CPU path's GEMM instruction on all "
+     "threads (about 50 ms), or None on the generic path."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "r1x compiled core", -1, methods};

@@ -58,7 +58,15 @@ struct Kernels {
                       void* packed);
   void (*gemm_tile)(const GemmArgs& args, const GemmPlan& plan, const void* packed, int64_t m0,
                     int64_t m1, int64_t n0, int64_t n1, void* scratch, TileCtx& ctx);
+  // Runs `iters` rounds of the ISA's densest GEMM instruction on independent accumulators (the
+  // one its GEMM kernels are built on) and returns the flops done: the machine's peak, measured
+  // (peak.cpp times it on every thread at once). Null where there is none (generic).
+  double (*peak_probe)(int64_t iters) = nullptr;
+  const char* peak_unit = "";
 };
+
+// GFLOP/s of kern.peak_probe on every thread at once, over about `seconds` (0 without a probe).
+double peak_gflops(const Kernels& kern, double seconds = 0.05);
 
 const Kernels& kernels_generic();
 const Kernels& kernels_avx2();

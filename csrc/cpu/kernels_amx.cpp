@@ -269,6 +269,28 @@ void tile_amx(const GemmArgs& args, const GemmPlan& plan, const void* packed, in
   }
 }
 
+// Four independent TDPBF16PS accumulator tiles (16 x 16 fp32 each, 16 x 32 bf16 operands).
+double peak_amx(int64_t iters) {
+  configure_full_tiles();
+  alignas(64) static const uint16_t ones[16 * 32] = {};
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  _tile_loadd(4, ones, 64);
+  _tile_loadd(5, ones, 64);
+  _tile_loadd(6, ones, 64);
+  _tile_loadd(7, ones, 64);
+  for (int64_t it = 0; it < iters; ++it) {
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_release();
+  return 4.0 * 2 * 16 * 16 * 32 * static_cast<double>(iters);
+}
+
 }  // namespace
 
 const Kernels& kernels_amx() {
@@ -278,6 +300,8 @@ const Kernels& kernels_amx() {
     t.gemm_plan = plan_amx;
     t.gemm_pack_a = pack_a_amx;
     t.gemm_tile = tile_amx;
+    t.peak_probe = peak_amx;
+    t.peak_unit = "bf16 AMX TDPBF16PS";
     return t;
   }();
   return k;

@@ -294,11 +294,28 @@ void tile_avx512(const GemmArgs& args, const GemmPlan& plan, const void* packed,
   store_transposed(ct, ldc, m1 - m0, rows, args, m0, n0);
 }
 
+// 12 independent VDPBF16PS chains (more than latency x throughput on current cores).
+double peak_avx512(int64_t iters) {
+  __m512 acc[12];
+  for (int i = 0; i < 12; ++i) acc[i] = _mm512_set1_ps(0.001f * i);
+  __m512bh a = (__m512bh)_mm512_set1_epi16(0x3f80), b = (__m512bh)_mm512_set1_epi16(0x3f80);
+  for (int64_t it = 0; it < iters; ++it) {
+    _Pragma("GCC unroll 12") for (int i = 0; i < 12; ++i) acc[i] = _mm512_dpbf16_ps(acc[i], a, b);
+    __asm__ volatile("" : "+v"(a));  // keeps the loop from being folded
+  }
+  __m512 s = acc[0];
+  for (int i = 1; i < 12; ++i) s = _mm512_add_ps(s, acc[i]);
+  volatile float sink = _mm512_reduce_add_ps(s);
+  (void)sink;
+  return 64.0 * 12 * static_cast<double>(iters);
+}
+
 }  // namespace
 
 const Kernels& kernels_avx512() {
-  static const Kernels k{Isa::kAvx512, amax_avx512, quantize_avx512, dequantize_avx512,
-                         plan_avx512,  pack_a_avx512, tile_avx512};
+  static const Kernels k{Isa::kAvx512, amax_avx512,   quantize_avx512, dequantize_avx512,
+                         plan_avx512,  pack_a_avx512, tile_avx512,     peak_avx512,
+                         "bf16 VDPBF16PS"};
   return k;
 }
 

@@ -6,8 +6,10 @@
     r1x sft|grpo|distill [--config FILE] [--output-dir DIR] [--resume] [key=value ...]
                              one stage (torchrun --nproc_per_node N -m r1x.cli ... for DDP)
     r1x info                 what r1x was built with and what this machine offers
-    r1x bench [--op fp8_gemm|moe|mla|model|all] [--shapes MxNxK,...] [--tokens T,...] [--out DIR]
-                             microbenchmarks against baselines (table, JSON, PNG)
+    r1x bench [--op fp8_gemm|moe|mla|model|all] [--isa amx|avx512|avx2|generic] [--shapes MxNxK,...]
+              [--tokens T,...] [--out DIR]
+                             microbenchmarks against baselines (table, JSON, PNG); --isa runs r1x's
+                             CPU kernels on one path and caps torch's oneDNN / ATen to the same class
 """
 
 from __future__ import annotations
@@ -30,10 +32,17 @@ def _cmd_info(args) -> int:
 def _cmd_bench(args) -> int:
     import torch
 
-    from r1x.bench import fp8_gemm, mla, moe
+    from r1x.bench import common, fp8_gemm, mla, moe
     from r1x.bench import model as model_bench
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.isa:
+        if device != "cpu":
+            raise SystemExit("r1x bench: --isa is for the CPU (add --device cpu)")
+        try:
+            print(common.cap_cpu_isa(args.isa), flush=True)  # before torch computes anything
+        except ValueError as e:
+            raise SystemExit(f"r1x bench: {e}") from None
     ops = BENCHMARKS if args.op == "all" else (args.op,)
     for op in ops:
         print(f"== {op} on {device} ==", flush=True)
@@ -108,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="microbenchmarks against baselines")
     b.add_argument("--op", choices=("all",) + BENCHMARKS, default="all")
     b.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    b.add_argument("--isa", choices=("amx", "avx512", "avx2", "generic"), default=None,
+                   help="CPU: run r1x's kernels on this path and cap torch's oneDNN/ATen to the same class "
+                        "(ONEDNN_MAX_CPU_ISA, ATEN_CPU_CAPABILITY); results are named <op>_cpu_<path>")
     b.add_argument("--shapes", default=None, help="fp8_gemm: MxNxK,MxNxK,... (default: DeepSeek-V3 shapes)")
     b.add_argument("--tokens", default=None, help="moe: only these token counts T, e.g. 1,16 (default: all)")
     b.add_argument("--full", action="store_true", help="every default shape, also the slow CPU ones")

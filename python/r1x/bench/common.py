@@ -17,6 +17,75 @@ from dataclasses import dataclass, field
 
 import torch
 
+# Per r1x CPU path, the like-for-like cap of torch's own CPU kernels: oneDNN (matmul, linear)
+# through ONEDNN_MAX_CPU_ISA, ATen's vectorised kernels (softmax, elementwise) through
+# ATEN_CPU_CAPABILITY. On an AMX Xeon, avx512 then measures what an AMD EPYC (AVX-512 +
+# AVX512-BF16, no AMX) sees; avx2 what an older Xeon / Zen 2-3 / laptop sees, where the fair
+# dense baseline is fp32 (oneDNN has no native bf16 below AVX512_CORE_BF16).
+ONEDNN_ISA = {"amx": "AVX512_CORE_AMX", "avx512": "AVX512_CORE_BF16", "avx2": "AVX2", "generic": "SSE41"}
+ATEN_CAPABILITY = {"amx": "avx512", "avx512": "avx512", "avx2": "avx2", "generic": "default"}
+ISA_ORDER = ("generic", "avx2", "avx512", "amx")
+
+
+def cap_cpu_isa(isa: str) -> str:
+    """Runs r1x's CPU kernels on the ``isa`` path (generic, avx2, avx512, amx) and caps torch's
+    CPU kernels to the same class, for this process and the subprocesses it starts; returns a
+    one-line description for table headers.
+
+    torch reads its caps when it first uses oneDNN / a vectorised kernel, so call this before
+    anything is computed (``r1x bench --isa`` and the benchmark scripts do it first thing).
+    Raises ``ValueError`` for an unknown path or one this CPU cannot run."""
+    import r1x
+
+    if isa not in ISA_ORDER:
+        raise ValueError(f"isa must be one of {', '.join(ISA_ORDER)}, got {isa!r}")
+    detected = r1x._C.detected_cpu_isa()
+    if ISA_ORDER.index(isa) > ISA_ORDER.index(detected):
+        raise ValueError(f"this CPU cannot run the {isa} path: it supports up to {detected}")
+    os.environ["R1X_CPU_ISA"] = isa
+    os.environ["ONEDNN_MAX_CPU_ISA"] = ONEDNN_ISA[isa]
+    os.environ["ATEN_CPU_CAPABILITY"] = ATEN_CAPABILITY[isa]
+    r1x._C.set_cpu_isa(isa)
+    return baseline_note()
+
+
+def baseline_note() -> str:
+    """Which r1x CPU path runs and what torch's CPU kernels are capped at (for table headers)."""
+    import r1x
+
+    onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", "")
+    aten = torch.backends.cpu.get_cpu_capability()
+    return (f"r1x CPU path: {r1x.cpu_isa()}; torch: oneDNN "
+            + (f"capped at {onednn} (ONEDNN_MAX_CPU_ISA)" if onednn else "uncapped") + f", ATen {aten}")
+
+
+def result_name(op: str, device: torch.device) -> str:
+    """``<op>_cuda``, or ``<op>_cpu_<path>`` with the r1x CPU path that ran."""
+    import r1x
+
+    return f"{op}_cuda" if device.type == "cuda" else f"{op}_cpu_{r1x.cpu_isa()}"
+
+
+def target_key(device: torch.device) -> str:
+    """The key of a benchmark's per-path targets: ``cuda`` or ``cpu_<path>``."""
+    import r1x
+
+    return "cuda" if device.type == "cuda" else f"cpu_{r1x.cpu_isa()}"
+
+
+def peak_gflops(device: torch.device) -> tuple[float, str] | None:
+    """(GFLOP/s, instruction) of the active CPU path's GEMM instruction on all threads, measured
+    now (about 50 ms); None on CUDA and on the generic path."""
+    import r1x
+
+    return None if device.type == "cuda" else r1x._C.cpu_peak()
+
+
+def add_isa_argument(parser) -> None:
+    parser.add_argument("--isa", choices=ISA_ORDER, default=None,
+                        help="CPU: run r1x's kernels on this path and cap torch's oneDNN/ATen to the same "
+                             "class (default: the best this CPU has, uncapped)")
+
 
 @dataclass
 class Timer:
@@ -97,6 +166,7 @@ def machine_info(device: torch.device) -> dict:
         d["device"] = _cpu_model()
         d["cpu_threads"] = torch.get_num_threads()
         d["cpu_isa"] = r1x.cpu_isa()
+        d["baseline"] = baseline_note()
     return d
 
 

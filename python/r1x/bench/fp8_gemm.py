@@ -3,14 +3,18 @@
 Shapes are DeepSeek-V3's (N, K) projections at several token counts M. Baselines:
 
 * ``bf16``: torch bf16 matmul on weights dequantized ahead of time (what FP8 must beat to be
-  worth it: half the weight bytes, same math);
-* ``dequant+bf16``: dequantize the FP8 weight, then bf16 matmul, on every call (DeepSeek-V3's
-  reference inference code does this by default);
+  worth it: half the weight bytes, same math); on the CPU's avx2 and generic paths ``fp32``
+  instead, since oneDNN has no native bf16 there (``r1x bench --isa avx2`` caps torch to AVX2);
+* ``dequant+bf16`` (``dequant+fp32``): dequantize the FP8 weight, then the same matmul, on every
+  call (DeepSeek-V3's reference inference code does this by default);
 * on a GPU, ``torch._scaled_mm`` with 1x128 / 128x128 blockwise scales where the installed
   torch supports it, and DeepGEMM's ``fp8_gemm_nt`` when ``deep_gemm`` is installed.
 
 ``r1x`` times :func:`r1x.fp8_gemm` on pre-quantized activations; ``r1x+quant`` adds the
-per-token-group quantization of bf16 activations (the whole FP8Linear forward).
+per-token-group quantization of bf16 activations (the whole FP8Linear forward). On the CPU the
+table also gives r1x's fraction of the machine's measured peak for the path's GEMM instruction
+(``r1x._C.cpu_peak()``: VDPBF16PS on avx512, TDPBF16PS on amx, fp32 FMA on avx2), and ends with
+the targets of that path.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ import torch
 
 import r1x
 from r1x import reference as ref
-from r1x.bench.common import Timer, device_tag, format_table, machine_info, write_results
+from r1x.bench import common
+from r1x.bench.common import Timer, format_table, machine_info, result_name
 from r1x.testing import calc_diff
 
 NK_SHAPES = [(2112, 7168), (24576, 1536), (7168, 16384), (4096, 7168), (7168, 2048)]
@@ -66,28 +71,38 @@ def _deep_gemm(qa, sa, qb, sb):
     return lambda: fn((qa, sa), (qb, sb), out)
 
 
+def dense_dtype(device: torch.device) -> torch.dtype:
+    """The dense baseline's dtype: bf16, except on the CPU's avx2 and generic paths, where
+    oneDNN has no native bf16 and the fair baseline is fp32."""
+    if device.type == "cpu" and r1x.cpu_isa() in ("avx2", "generic"):
+        return torch.float32
+    return torch.bfloat16
+
+
 def bench_shape(m: int, n: int, k: int, device: torch.device, timer: Timer, gen) -> dict:
+    dense = dense_dtype(device)
+    dn = "bf16" if dense == torch.bfloat16 else "fp32"
     w = (torch.randn(n, k, generator=gen) * k**-0.5).to(device, torch.bfloat16)
     x = torch.randn(m, k, generator=gen).to(device, torch.bfloat16)
     qb, sb = r1x.quant_fp8_per_block(w)
     qa, sa = r1x.quant_fp8_per_token_group(x)
     del w
-    w_deq = r1x.dequant_fp8(qb, sb, (128, 128)).to(torch.bfloat16)  # the pre-dequantized weight
-    x_deq = r1x.dequant_fp8(qa, sa).to(torch.bfloat16)
+    w_deq = r1x.dequant_fp8(qb, sb, (128, 128)).to(dense)  # the pre-dequantized weight
+    x_deq = r1x.dequant_fp8(qa, sa).to(dense)
 
     def dequant_matmul():
         wd = (qb.float().reshape(-1, 128, k // 128, 128) if n % 128 == 0 else None)
         if wd is not None:
-            wd = (wd * sb[:, None, :, None]).reshape(n, k).to(torch.bfloat16)
+            wd = (wd * sb[:, None, :, None]).reshape(n, k).to(dense)
         else:
-            wd = ref.dequant_fp8(qb, sb, (128, 128)).to(torch.bfloat16)
+            wd = ref.dequant_fp8(qb, sb, (128, 128)).to(dense)
         return x_deq @ wd.t()
 
     methods = {
         "r1x": lambda: r1x.fp8_gemm(qa, sa, qb, sb),
         "r1x+quant": lambda: r1x.fp8_gemm(*r1x.quant_fp8_per_token_group(x), qb, sb),
-        "bf16": lambda: x_deq @ w_deq.t(),
-        "dequant+bf16": dequant_matmul,
+        dn: lambda: x_deq @ w_deq.t(),
+        f"dequant+{dn}": dequant_matmul,
     }
     notes = {}
     if device.type == "cuda":
@@ -99,7 +114,7 @@ def bench_shape(m: int, n: int, k: int, device: torch.device, timer: Timer, gen)
                 notes[name] = fn
 
     flops = 2 * m * n * k
-    rec = {"m": m, "n": n, "k": k, "flops": flops, "times": {}, "notes": notes}
+    rec = {"m": m, "n": n, "k": k, "flops": flops, "dense": dn, "times": {}, "notes": notes}
     rec["times"] = timer.compare(methods)
     t = rec["times"]["r1x"]["median_s"]
     rec["tflops"] = flops / t / 1e12
@@ -112,33 +127,66 @@ def bench_shape(m: int, n: int, k: int, device: torch.device, timer: Timer, gen)
     out = r1x.fp8_gemm(qa, sa, qb[:cols], sb[: (cols + 127) // 128], out_dtype=torch.float32)
     exact = ref.fp8_gemm(qa, sa, qb[:cols], sb[: (cols + 127) // 128], out_dtype=torch.float64)
     rec["calc_diff"] = calc_diff(out, exact)
-    bf16_out = (x_deq @ w_deq[:cols].t()).double()
-    rec["calc_diff_bf16_matmul"] = calc_diff(bf16_out, exact)
+    rec["calc_diff_dense"] = calc_diff((x_deq.bfloat16() @ w_deq[:cols].bfloat16().t()).double(), exact)
     return rec
+
+
+# (target key, baseline, applies to M, goal, text); the key is "cuda" or "cpu_<path>".
+TARGETS = {
+    "cpu_amx": [("bf16", lambda m: m <= 16, 2.0, "M <= 16: >= 2x bf16 matmul"),
+                ("bf16", lambda m: m >= 512, 0.8, "M >= 512: >= 0.8x bf16 matmul")],
+    "cpu_avx512": [("bf16", lambda m: m == 1, 2.0, "M = 1: >= 2x bf16 matmul"),
+                   ("bf16", lambda m: m == 16, 1.5, "M = 16: >= 1.5x bf16 matmul"),
+                   ("bf16", lambda m: m >= 128, 0.85, "M >= 128: >= 0.85x bf16 matmul"),
+                   ("dequant+bf16", lambda m: True, 1.0, "never slower than dequantize-then-matmul")],
+    "cpu_avx2": [("fp32", lambda m: m == 1, 2.0, "M = 1: >= 2x fp32 matmul"),
+                 ("fp32", lambda m: m >= 128, 0.8, "M >= 128: >= 0.8x fp32 matmul")],
+    "cuda": [],
+}
+
+
+def evaluate_targets(records: list[dict], device: torch.device) -> list[dict]:
+    """Every target of this device / CPU path with each shape it applies to: ratio, met."""
+    out = []
+    for base, applies, goal, text in TARGETS.get(common.target_key(device), []):
+        for r in records:
+            if applies(r["m"]) and base in r["speedup"]:
+                out.append({"target": text, "shape": f"{r['m']}x{r['n']}x{r['k']}", "ratio": r["speedup"][base],
+                            "goal": goal, "met": r["speedup"][base] >= goal})
+    return out
 
 
 def _fmt_ms(s: float) -> str:
     return f"{s * 1e3:.3f}"
 
 
-def make_table(records: list[dict]) -> str:
+def make_table(records: list[dict], targets: list[dict] | None = None, peak_gflops: float | None = None) -> str:
+    dense = records[0].get("dense", "bf16") if records else "bf16"
     baselines = sorted({b for r in records for b in r["speedup"] if b != "r1x+quant"},
-                       key=lambda b: (b != "bf16", b))
-    headers = (["M", "N", "K", "r1x ms", "TFLOP/s", "GB/s", "r1x+quant ms"]
-               + [f"vs {b}" for b in baselines] + ["calc_diff", "bf16 calc_diff"])
+                       key=lambda b: (b != dense, b))
+    headers = (["M", "N", "K", "r1x ms", "TFLOP/s"] + (["% peak"] if peak_gflops else []) + ["GB/s", "r1x+quant ms"]
+               + [f"vs {b}" for b in baselines] + ["calc_diff", "bf16 matmul calc_diff"])
     rows = []
     for r in records:
-        row = [r["m"], r["n"], r["k"], _fmt_ms(r["times"]["r1x"]["median_s"]), f"{r['tflops']:.3f}",
-               f"{r['gbps']:.1f}", _fmt_ms(r["times"]["r1x+quant"]["median_s"])]
+        row = [r["m"], r["n"], r["k"], _fmt_ms(r["times"]["r1x"]["median_s"]), f"{r['tflops']:.3f}"]
+        row += [f"{100 * r['tflops'] * 1e3 / peak_gflops:.0f}%"] if peak_gflops else []
+        row += [f"{r['gbps']:.1f}", _fmt_ms(r["times"]["r1x+quant"]["median_s"])]
         row += [f"{r['speedup'][b]:.2f}x" if b in r["speedup"] else "-" for b in baselines]
-        row += [f"{r['calc_diff']:.1e}", f"{r['calc_diff_bf16_matmul']:.1e}"]
+        row += [f"{r['calc_diff']:.1e}", f"{r.get('calc_diff_dense', r.get('calc_diff_bf16_matmul')):.1e}"]
         rows.append(row)
-    return format_table(headers, rows)
+    table = format_table(headers, rows)
+    if targets:
+        met = sum(t["met"] for t in targets)
+        table += (f"\n\nTargets ({met} of {len(targets)} met):\n\n"
+                  + format_table(["target", "shape", "ratio", "met"],
+                                 [[t["target"], t["shape"], f"{t['ratio']:.2f}x", "met" if t["met"] else "NOT met"]
+                                  for t in targets]))
+    return table
 
 
 def plot(records: list[dict], path: str, title: str) -> None:
     """Top row: TFLOP/s of every method per (N, K) against M; bottom row: r1x's speed-up over
-    each baseline but dequant+bf16 (off the chart), with 1x marked."""
+    each baseline but dequantize-then-matmul (off the chart), with 1x marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -147,7 +195,7 @@ def plot(records: list[dict], path: str, title: str) -> None:
     nks = sorted({(r["n"], r["k"]) for r in records}, key=lambda nk: NK_SHAPES.index(nk) if nk in NK_SHAPES else 99)
     fig, axes = plt.subplots(2, len(nks), figsize=(4 * len(nks), 6.6), squeeze=False)
     methods = list(records[0]["times"])
-    baselines = [b for b in records[0]["speedup"] if b not in ("r1x+quant", "dequant+bf16")]
+    baselines = [b for b in records[0]["speedup"] if b != "r1x+quant" and not b.startswith("dequant+")]
     for col, (n, k) in enumerate(nks):
         rs = sorted((r for r in records if (r["n"], r["k"]) == (n, k)), key=lambda r: r["m"])
         ax = axes[0][col]
@@ -178,23 +226,20 @@ def plot(records: list[dict], path: str, title: str) -> None:
     plt.close(fig)
 
 
-def replot(json_path: str) -> str:
-    """Redraws the PNG next to a results JSON (no re-measuring)."""
-    import json
-
-    with open(json_path) as f:
-        data = json.load(f)
-    png = os.path.splitext(json_path)[0] + ".png"
-    plot(data["results"], png, f"r1x fp8_gemm vs baselines: {data['meta']['device']}")
-    return png
+TITLE = "r1x fp8_gemm vs baselines"
 
 
 def run(device: str = "cpu", shapes=None, full: bool = False, out_dir: str | None = None,
         budget_s: float = 1.0, seed: int = 0, quiet: bool = False) -> dict:
+    """Times the shapes (default: DeepSeek-V3's) and writes ``fp8_gemm_<cpu_<path>|cuda>.*``."""
     dev = torch.device(device)
     shapes = shapes or default_shapes(dev, full)
     timer = Timer(dev, budget_s=budget_s)
     gen = torch.Generator().manual_seed(seed)
+    meta = machine_info(dev)
+    peak = common.peak_gflops(dev)
+    if peak:
+        meta["peak"] = f"{peak[0]:.0f} GFLOP/s ({peak[1]}, measured on {meta['cpu_threads']} threads)"
     records = []
     for m, n, k in shapes:
         rec = bench_shape(m, n, k, dev, timer, gen)
@@ -203,21 +248,15 @@ def run(device: str = "cpu", shapes=None, full: bool = False, out_dir: str | Non
             sp = " ".join(f"{b}={v:.2f}x" for b, v in rec["speedup"].items())
             print(f"M={m:5d} N={n:6d} K={k:6d}  r1x {_fmt_ms(rec['times']['r1x']['median_s']):>9} ms "
                   f"{rec['tflops']:8.3f} TFLOP/s  {sp}  calc_diff={rec['calc_diff']:.1e}", flush=True)
-    meta = machine_info(dev)
-    table = make_table(records)
-    result = {"meta": meta, "records": records, "table": table}
-    if out_dir:
-        name = f"fp8_gemm_{device_tag(dev)}"
-        paths = write_results(out_dir, name, meta, records, table)
-        try:
-            plot(records, os.path.join(out_dir, f"{name}.png"), f"r1x fp8_gemm vs baselines: {meta['device']}")
-            paths["png"] = os.path.join(out_dir, f"{name}.png")
-        except ImportError:
-            pass  # matplotlib missing: table and JSON only
-        result["paths"] = paths
-    if not quiet:
-        print(table)
-    return result
+    targets = evaluate_targets(records, dev)
+    table = make_table(records, targets, peak[0] if peak else None)
+    return common.publish(out_dir, result_name("fp8_gemm", dev), meta, records, targets, table,
+                          plot, f"{TITLE}: {meta['device']}", quiet)
+
+
+def replot(json_path: str) -> str:
+    """Redraws the PNG next to a results JSON (no re-measuring)."""
+    return common.replot(json_path, plot, TITLE)
 
 
 def parse_shapes(text: str) -> list[tuple[int, int, int]]:
@@ -235,7 +274,10 @@ def main(argv=None):
     p.add_argument("--full", action="store_true", help="all shapes, also the slow ones on the CPU")
     p.add_argument("--out", default="benchmarks/results", help="folder for JSON/markdown/PNG")
     p.add_argument("--budget", type=float, default=1.0, help="seconds of timed runs per method")
+    common.add_isa_argument(p)
     args = p.parse_args(argv)
+    if args.isa:
+        print(common.cap_cpu_isa(args.isa), flush=True)
     run(args.device, args.shapes, args.full, args.out, args.budget)
 
 

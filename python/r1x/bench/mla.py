@@ -751,7 +751,7 @@ def _line(rec: dict) -> str:
 def run(device: str = "cpu", full: bool = False, out_dir: str | None = None, budget_s: float = 1.0,
         seed: int = 0, quiet: bool = False, parts=None, dtypes=None, train_shapes=None, mem_lens=None,
         decode_shapes=None) -> dict:
-    """Runs the plan and writes ``mla_<cpu|cuda>.*``. ``parts`` (subset of train, memory,
+    """Runs the plan and writes ``mla_<cpu_<path>|cuda>.*``. ``parts`` (subset of train, memory,
     decode), ``dtypes`` ("bf16", "fp32"), ``train_shapes`` [(B, L)], ``mem_lens`` [L] and
     ``decode_shapes`` [(B, H, Sq, ctx)] restrict or replace the default plan."""
     dev = torch.device(device)
@@ -796,7 +796,7 @@ def run(device: str = "cpu", full: bool = False, out_dir: str | None = None, bud
     meta.update({"train": f"H={H}, qk {DQK}, v {DV}, causal", "decode": f"D={D_DECODE}, dv={D_LATENT}, block {BLOCK}"})
     targets = evaluate_targets(records, dev)
     table = make_table(records, targets)
-    return publish(out_dir, f"mla_{device_tag(dev)}", meta, records, targets, table, plot,
+    return publish(out_dir, common.result_name("mla", dev), meta, records, targets, table, plot,
                    f"{TITLE}: {meta['device']}", quiet)
 
 
@@ -828,7 +828,10 @@ def main(argv=None):
                    help="decode shapes BxHxSqxCTX,..., e.g. 8x16x1x4096 (replace the default ones)")
     p.add_argument("--out", default="benchmarks/results", help="folder for JSON/markdown/PNG")
     p.add_argument("--budget", type=float, default=1.0, help="seconds of timed runs per measurement")
+    common.add_isa_argument(p)
     args = p.parse_args(argv)
+    if args.isa:
+        print(common.cap_cpu_isa(args.isa), flush=True)
     split = lambda s: s.split(",") if s else None  # noqa: E731
     run(args.device, args.full, args.out, args.budget, parts=split(args.parts), dtypes=split(args.dtypes),
         train_shapes=args.train, mem_lens=args.mem_lens, decode_shapes=args.decode)

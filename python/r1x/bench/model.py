@@ -504,7 +504,7 @@ def run(device: str = "cpu", full: bool = False, out_dir: str | None = None, bud
         seed: int = 0, quiet: bool = False, parts=None, presets=None, train_shapes=None, new_tokens=None,
         batch: int = DECODE_BATCH, prompt_len: int = PROMPT_LEN, train_steps: int = 300,
         train_seconds: float = 60.0) -> dict:
-    """Runs the plan and writes ``model_<cpu|cuda>.*``. ``parts``: subset of train, decode,
+    """Runs the plan and writes ``model_<cpu_<path>|cuda>.*``. ``parts``: subset of train, decode,
     spec, cache; ``presets``: of tiny, small (train, decode, spec on random weights);
     ``train_shapes``: {preset: (B, S)}; ``new_tokens``: [N] for decode and spec; ``train_steps``
     / ``train_seconds``: the synthetic training of tiny for speculation (0 steps: skipped)."""
@@ -554,7 +554,7 @@ def run(device: str = "cpu", full: bool = False, out_dir: str | None = None, bud
     meta["reference_ops"] = ", ".join(swapped_names())
     targets = evaluate_targets(records, dev)
     table = make_table(records, targets)
-    return publish(out_dir, f"model_{device_tag(dev)}", meta, records, targets, table, plot,
+    return publish(out_dir, common.result_name("model", dev), meta, records, targets, table, plot,
                    f"{TITLE}: {meta['device']}", quiet)
 
 
@@ -590,7 +590,10 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", default="benchmarks/results", help="folder for JSON/markdown/PNG")
     p.add_argument("--budget", type=float, default=1.0, help="seconds of timed runs per measurement")
+    common.add_isa_argument(p)
     args = p.parse_args(argv)
+    if args.isa:
+        print(common.cap_cpu_isa(args.isa), flush=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     split = lambda s: s.split(",") if s else None  # noqa: E731

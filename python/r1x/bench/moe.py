@@ -399,7 +399,7 @@ def _line(rec: dict) -> str:
 
 def run(device: str = "cpu", full: bool = False, out_dir: str | None = None, budget_s: float = 1.0,
         seed: int = 0, quiet: bool = False, layers=None, tokens=None) -> dict:
-    """Runs the plan (``layers``/``tokens`` restrict it) and writes ``moe_<cpu|cuda>.*``."""
+    """Runs the plan (``layers``/``tokens`` restrict it) and writes ``moe_<cpu_<path>|cuda>.*``."""
     dev = torch.device(device)
     plan = default_plan(dev, full)
     keep = lambda pairs: [(n, t) for n, t in pairs  # noqa: E731
@@ -441,7 +441,7 @@ def run(device: str = "cpu", full: bool = False, out_dir: str | None = None, bud
     meta["mem_read_gbps"] = round(read_bandwidth(dev, timer), 1)
     targets = evaluate_targets(records, dev)
     table = make_table(records, targets)
-    return publish(out_dir, f"moe_{device_tag(dev)}", meta, records, targets, table, plot,
+    return publish(out_dir, common.result_name("moe", dev), meta, records, targets, table, plot,
                    f"{TITLE}: {meta['device']}", quiet)
 
 
@@ -457,7 +457,10 @@ def main(argv=None):
     p.add_argument("--tokens", type=_ints, default=None, help="only these T values, e.g. 1,16")
     p.add_argument("--out", default="benchmarks/results", help="folder for JSON/markdown/PNG")
     p.add_argument("--budget", type=float, default=1.0, help="seconds of timed runs per method")
+    common.add_isa_argument(p)
     args = p.parse_args(argv)
+    if args.isa:
+        print(common.cap_cpu_isa(args.isa), flush=True)
     layers = args.layers.split(",") if args.layers else None
     run(args.device, args.full, args.out, args.budget, layers=layers, tokens=args.tokens)
 
