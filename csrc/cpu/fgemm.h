@@ -32,7 +32,8 @@ struct FGemmArgs {
 };
 
 // The driver packs once per call (fgemm_pack over disjoint unit ranges [0, pack_units)), then
-// runs fgemm_tile over tile_m x tile_n output tiles, each thread with its own scratch.
+// runs fgemm_tile over tile_m x tile_n output tiles, each thread with its own scratch and
+// TileCtx (kernels.h: next_args is then an FGemmArgs).
 struct FGemmPlan {
   int64_t tile_m = 0, tile_n = 0;
   int64_t pack_units = 0;
@@ -47,7 +48,7 @@ struct FGemmKernels {
   void (*pack)(const FGemmArgs& args, const FGemmPlan& plan, int64_t u0, int64_t u1,
                void* packed);
   void (*tile)(const FGemmArgs& args, const FGemmPlan& plan, const void* packed, int64_t m0,
-               int64_t m1, int64_t n0, int64_t n1, void* scratch);
+               int64_t m1, int64_t n0, int64_t n1, void* scratch, TileCtx& ctx);
 };
 
 const FGemmKernels& fgemm_kernels_generic();

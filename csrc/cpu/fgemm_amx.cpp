@@ -292,11 +292,11 @@ void block(const uint16_t* const* xp, const int64_t* xs, const uint16_t* y0, int
 }
 
 void tile_amx(const FGemmArgs& a, const FGemmPlan& plan, const void* packed, int64_t m0,
-              int64_t m1, int64_t n0, int64_t n1, void* scratch) {
+              int64_t m1, int64_t n0, int64_t n1, void* scratch, TileCtx& ctx) {
   if (plan.variant & kVariantFma) {
     FGemmPlan inner = plan;
     inner.variant = plan.variant / 8;
-    return fgemm_kernels_avx512().tile(a, inner, packed, m0, m1, n0, n1, scratch);
+    return fgemm_kernels_avx512().tile(a, inner, packed, m0, m1, n0, n1, scratch, ctx);
   }
   configure_full_tiles();
 

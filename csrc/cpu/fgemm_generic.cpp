@@ -34,7 +34,7 @@ float dot(const float* a, const float* b, int64_t k) {
 }
 
 void tile_generic(const FGemmArgs& a, const FGemmPlan&, const void*, int64_t m0, int64_t m1,
-                  int64_t n0, int64_t n1, void* scratch) {
+                  int64_t n0, int64_t n1, void* scratch, TileCtx&) {
   const int64_t k = a.k, tm = m1 - m0, tn = n1 - n0;
   float* xs = static_cast<float*>(scratch);  // [tm][k]
   float* ys = xs + tm * k;                   // [tn][k]: columns of y

@@ -30,10 +30,10 @@ void fp8_gemm(const GemmArgs& args) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t mt = t / tiles_n, nt = t % tiles_n;
       const int64_t m0 = mt * plan.tile_m, n0 = nt * plan.tile_n;
-      const int64_t next_n0 = (t + 1) % tiles_n * plan.tile_n;
-      ctx.next_n0 = next_n0;
-      ctx.next_n1 = t + 1 < end ? std::min(args.n, next_n0 + plan.tile_n) : 0;
-      if (ctx.next_n1 == 0) ctx.next_n0 = 0;
+      const int64_t next_m0 = (t + 1) / tiles_n * plan.tile_m, next_n0 = (t + 1) % tiles_n * plan.tile_n;
+      ctx = t + 1 < end ? TileCtx{&args, next_m0, std::min(args.m, next_m0 + plan.tile_m), next_n0,
+                                  std::min(args.n, next_n0 + plan.tile_n)}
+                        : TileCtx{};
       kern.gemm_tile(args, plan, packed_ptr, m0, std::min(args.m, m0 + plan.tile_m), n0,
                      std::min(args.n, n0 + plan.tile_n), sp, ctx);
     }

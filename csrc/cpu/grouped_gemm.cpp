@@ -25,9 +25,9 @@ struct GroupJob {
 };
 
 // pack(g, u0, u1, packed_g); tile(g, packed_g, m0, m1, n0, n1, scratch, ctx), where ctx names
-// the thread's next tile when it belongs to the same group (kernels.h)
-template <class Pack, class Tile>
-void run_groups(const std::vector<GroupJob>& jobs, Pack pack, Tile tile) {
+// the thread's next tile (kernels.h): args_of(g) is group g's argument struct.
+template <class Pack, class Tile, class ArgsOf>
+void run_groups(const std::vector<GroupJob>& jobs, Pack pack, Tile tile, ArgsOf args_of) {
   const int64_t groups = static_cast<int64_t>(jobs.size());
   std::vector<size_t> packed_off(groups + 1, 0);
   size_t scratch = 0;
@@ -57,9 +57,15 @@ void run_groups(const std::vector<GroupJob>& jobs, Pack pack, Tile tile) {
       const GroupJob& j = jobs[g];
       const int64_t local = t - tile_start[g];
       const int64_t m0 = (local / j.tiles_n) * j.tile_m, n0 = (local % j.tiles_n) * j.tile_n;
-      const bool next = t + 1 < t1 && t + 1 < tile_start[g + 1];
-      ctx.next_n0 = next ? (local + 1) % j.tiles_n * j.tile_n : 0;
-      ctx.next_n1 = next ? std::min(j.n, ctx.next_n0 + j.tile_n) : 0;
+      ctx = TileCtx{};
+      if (t + 1 < t1) {  // the next tile, in this group or the next one with tiles
+        int64_t h = g;
+        while (t + 1 >= tile_start[h + 1]) ++h;
+        const GroupJob& jn = jobs[h];
+        const int64_t ln = t + 1 - tile_start[h];
+        const int64_t nm0 = (ln / jn.tiles_n) * jn.tile_m, nn0 = (ln % jn.tiles_n) * jn.tile_n;
+        ctx = TileCtx{args_of(h), nm0, std::min(jn.m, nm0 + jn.tile_m), nn0, std::min(jn.n, nn0 + jn.tile_n)};
+      }
       tile(g, base + packed_off[g], m0, std::min(j.m, m0 + j.tile_m), n0, std::min(j.n, n0 + j.tile_n), sp, ctx);
     }
   });
@@ -85,8 +91,8 @@ void run_fgemm(const std::vector<FGemmArgs>& args) {
   run_groups(
       jobs, [&](int64_t g, int64_t u0, int64_t u1, void* packed) { kern.pack(live[g], plans[g], u0, u1, packed); },
       [&](int64_t g, const void* packed, int64_t m0, int64_t m1, int64_t n0, int64_t n1, void* sp,
-          TileCtx&) { kern.tile(live[g], plans[g], packed, m0, m1, n0, n1, sp);
-      });
+          TileCtx& ctx) { kern.tile(live[g], plans[g], packed, m0, m1, n0, n1, sp, ctx); },
+      [&](int64_t g) { return static_cast<const void*>(&live[g]); });
 }
 
 // Rows [offs[g-1], offs[g]) of group g.
@@ -178,8 +184,8 @@ void fp8_grouped_gemm(const uint8_t* a, const float* a_scale, const uint8_t* b,
         kern.gemm_pack_a(args[g], plans[g], u0 * pr, std::min(args[g].m, u1 * pr), packed);
       },
       [&](int64_t g, const void* packed, int64_t m0, int64_t m1, int64_t n0, int64_t n1, void* sp,
-          TileCtx& ctx) { kern.gemm_tile(args[g], plans[g], packed, m0, m1, n0, n1, sp, ctx);
-      });
+          TileCtx& ctx) { kern.gemm_tile(args[g], plans[g], packed, m0, m1, n0, n1, sp, ctx); },
+      [&](int64_t g) { return static_cast<const void*>(&args[g]); });
 }
 
 }  // namespace r1x::cpu

@@ -35,14 +35,13 @@ struct GemmPlan {
   int variant = 0;  // kernel-specific choice made by gemm_plan (e.g. another ISA's path)
 };
 
-// What one thread's gemm_tile calls share. Before every call the driver sets next_n0/next_n1 to
-// the columns of the tile this thread computes next for the same GemmArgs (next_n1 == 0: none),
-// so a kernel can prepare that tile's weights while it computes this one; `state` is zeroed
-// before the thread's first tile and is the kernels' own to keep across the calls.
+// What one thread's tile calls share (gemm_tile here, FGemmKernels::tile in fgemm.h). Before
+// every call the driver names the tile this thread computes next: its arguments (a GemmArgs or
+// an FGemmArgs, as the call's own; null: none) and output range, so that a kernel can bring
+// that tile's weights into cache while it computes this one.
 struct TileCtx {
-  int64_t next_n0 = 0, next_n1 = 0;
-  const void* state_ptr = nullptr;
-  int64_t state[2] = {0, 0};
+  const void* next_args = nullptr;
+  int64_t next_m0 = 0, next_m1 = 0, next_n0 = 0, next_n1 = 0;
 };
 
 struct Kernels {

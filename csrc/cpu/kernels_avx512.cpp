@@ -259,8 +259,9 @@ void tile_avx512(const GemmArgs& args, const GemmPlan& plan, const void* packed,
   // The next tile's weight rows (contiguous in B) are prefetched into L2 a slice per step, so
   // they arrive while this tile computes; this tile's were, during the previous one (else the
   // first K block waits for memory).
-  const uint8_t* next = args.b + ctx.next_n0 * k;
-  const int64_t next_lines = (ctx.next_n1 - ctx.next_n0) * k / 64;
+  const GemmArgs* na = static_cast<const GemmArgs*>(ctx.next_args);
+  const uint8_t* next = na ? na->b + ctx.next_n0 * na->k : nullptr;
+  const int64_t next_lines = na ? (ctx.next_n1 - ctx.next_n0) * na->k / 64 : 0;
   const int64_t steps = kblocks * strips;
   int64_t step = 0;
 
@@ -285,7 +286,7 @@ void tile_avx512(const GemmArgs& args, const GemmPlan& plan, const void* packed,
         const int mrv = panel_mrv(m, p);
         const uint32_t* panel = reinterpret_cast<const uint32_t*>(panels + p * kPanel * k);
         dp_panel<Epi::kScaleAdd>(mrv, panel + kb * kPairsPerBlock * 16 * mrv,
-                                 reinterpret_cast<const uint32_t*>(bd), kRowStride / 2, kStrip,
+                                 reinterpret_cast<const uint8_t*>(bd), kRowStride * 2, kStrip,
                                  kPairsPerBlock, ct + s * kStrip * ldc + (p - p0) * kPanel, ldc,
                                  at + kb * mp + p * kPanel, sb[kb]);
       }
