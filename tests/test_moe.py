@@ -270,6 +270,25 @@ def test_grouped_gemm_gradients(device, cpu_isa, gen, dtype):
         assert (b.grad[counts.to(device) == 0] == 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_gemm_large_groups(device, cpu_isa, gen, dtype):
+    """Groups of hundreds of tokens next to small and empty ones: on some CPU paths the large
+    ones run on ATen's matmul (oneDNN), the rest on r1x's kernels, in one call."""
+    offs = torch.tensor([600, 600, 607, 1150], dtype=torch.int32, device=device)
+    a = torch.randn(1150, 96, generator=gen).to(dtype).to(device).requires_grad_()
+    b = torch.randn(4, 40, 96, generator=gen).to(dtype).to(device).requires_grad_()
+    g = torch.randn(1150, 40, generator=gen).to(dtype).to(device)
+    out = r1x.grouped_gemm(a, b, offs)
+    out.backward(g)
+    a2, b2 = a.detach().double().cpu().requires_grad_(), b.detach().double().cpu().requires_grad_()
+    expected = ref.grouped_gemm(a2, b2, offs.cpu())
+    expected.backward(g.double().cpu())
+    assert calc_diff(out.cpu(), expected) < gg_tolerance(dtype)
+    assert calc_diff(a.grad.cpu(), a2.grad) < gg_tolerance(dtype)
+    assert calc_diff(b.grad.cpu(), b2.grad) < gg_tolerance(dtype)
+    assert (b.grad[1] == 0).all()
+
+
 def test_grouped_gemm_noncontiguous(device, gen):
     a = torch.randn(64, 50, generator=gen).to(device).t()  # [50, 64], strided
     b = torch.randn(3, 64, 20, generator=gen).to(device).transpose(1, 2)  # [3, 20, 64]

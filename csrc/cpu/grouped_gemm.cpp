@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <climits>
 #include <cstring>
 #include <vector>
 
@@ -74,12 +75,50 @@ void run_groups(const std::vector<GroupJob>& jobs, Pack pack, Tile tile, ArgsOf 
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline size_t esize(DType d) { return d == DType::kF32 ? 4 : 2; }
 
-// Runs one float GEMM per group (groups with an empty product are skipped).
-void run_fgemm(const std::vector<FGemmArgs>& args) {
+enum class Product { kForward, kGradA, kGradB };
+
+// Groups with at least this many tokens run on ATen's matmul (oneDNN, itself multithreaded)
+// instead of r1x's kernels, where oneDNN is faster: measured crossovers per CPU path, dtype and
+// product (r1x time / oneDNN time; kNever: r1x is faster at every size measured).
+//   avx512 (Zen 4, 2 threads), bf16, single groups of N x K = 2816 x 2048, 2048 x 1408 and
+//     1408 x 2048: forward 0.77-0.97 at 16 tokens, 1.03-1.07 at 512; grad_a 0.87-0.96 at 16,
+//     1.03-1.10 at 512; grad_b 1.10-1.27 at 16, 1.06-1.2 at 512. Grouped (E groups of 2816 x
+//     2048 at 4-512 tokens), the differences up to 256 tokens are within this VM's noise and a
+//     oneDNN call per group costs its own thread hand-off, so only groups of >= 512 tokens go
+//     to oneDNN (and grad_b's from 256).
+//   avx512, fp32, 64 groups of 2816 x 2048 at 4-64 tokens: forward 0.33-0.87 (never); grad_a
+//     5-8x, grad_b 1.3-1.4x slower (the FMA kernel packs the weights to fp32 per call): always.
+//   amx: not re-measured here; its kernels were tuned against oneDNN on AMX (never).
+constexpr int64_t kNever = INT64_MAX;
+int64_t library_min_tokens(Product p, DType dt) {
+  switch (active_isa()) {
+    case Isa::kAvx512:
+      if (dt == DType::kBF16) return p == Product::kGradB ? 256 : 512;
+      return p == Product::kForward ? kNever : 1;
+    default: return kNever;
+  }
+}
+
+// out = x @ y on ATen (strided views of the raw operands).
+void library_gemm(const FGemmArgs& a) {
+  const at::ScalarType st = a.dtype == DType::kF32 ? at::kFloat : at::kBFloat16;
+  const auto opts = at::TensorOptions().dtype(st);
+  at::Tensor x = at::from_blob(const_cast<void*>(a.x.ptr), {a.m, a.k}, {a.x.rs, a.x.cs}, opts);
+  at::Tensor y = at::from_blob(const_cast<void*>(a.y.ptr), {a.k, a.n}, {a.y.rs, a.y.cs}, opts);
+  at::Tensor out = at::from_blob(a.out, {a.m, a.n}, {a.ldo, 1}, opts);
+  at::mm_out(out, x, y);
+}
+
+// Runs one float GEMM per group (groups with an empty product are skipped), large ones on ATen.
+void run_fgemm(const std::vector<FGemmArgs>& args, Product product) {
   const FGemmKernels& kern = fgemm_kernels_for(active_isa());
-  std::vector<FGemmArgs> live;
-  for (const FGemmArgs& a : args)
-    if (a.m > 0 && a.n > 0 && a.k > 0) live.push_back(a);
+  std::vector<FGemmArgs> live, lib;
+  for (const FGemmArgs& a : args) {
+    if (a.m == 0 || a.n == 0 || a.k == 0) continue;
+    const int64_t tokens = product == Product::kGradB ? a.k : a.m;
+    (tokens >= library_min_tokens(product, a.dtype) ? lib : live).push_back(a);
+  }
+  for (const FGemmArgs& a : lib) library_gemm(a);
   std::vector<FGemmPlan> plans;
   std::vector<GroupJob> jobs;
   for (const FGemmArgs& a : live) {
@@ -119,7 +158,7 @@ void grouped_gemm(const void* a, const void* b, const int32_t* offs, int64_t gro
                     {static_cast<const char*>(b) + g * n * k * es, 1, k},
                     static_cast<char*>(out) + r0 * n * es, n, dtype, rows, n, k});
   }
-  run_fgemm(args);
+  run_fgemm(args, Product::kForward);
 }
 
 void grouped_gemm_grad_a(const void* grad, const void* b, const int32_t* offs, int64_t groups,
@@ -137,7 +176,7 @@ void grouped_gemm_grad_a(const void* grad, const void* b, const int32_t* offs, i
                     {static_cast<const char*>(b) + g * n * k * es, k, 1},
                     static_cast<char*>(grad_a) + r0 * k * es, k, dtype, rows, k, n});
   }
-  run_fgemm(args);
+  run_fgemm(args, Product::kGradA);
 }
 
 void grouped_gemm_grad_b(const void* grad, const void* a, const int32_t* offs, int64_t groups,
@@ -155,7 +194,7 @@ void grouped_gemm_grad_b(const void* grad, const void* a, const int32_t* offs, i
                     {static_cast<const char*>(a) + r0 * k * es, k, 1},
                     static_cast<char*>(grad_b) + g * n * k * es, k, dtype, n, k, rows});
   }
-  run_fgemm(args);
+  run_fgemm(args, Product::kGradB);
 }
 
 void fp8_grouped_gemm(const uint8_t* a, const float* a_scale, const uint8_t* b,
