@@ -45,17 +45,17 @@ enum class Epi { kStore, kAdd, kScaleAdd };
 typedef int32_t __attribute__((aligned(1), may_alias)) unaligned_i32;
 
 // C[r][v] for NR R rows (row r at r0 + r * ldr bytes, pairs q < np) against one V panel of MRV
-// vectors (pair q at v + q * 16 * MRV dwords).
+// vectors (pair q at v + q * vld dwords; a packed panel has vld = 16 * MRV).
 template <int MRV, int NR, Epi E>
-inline void dp_micro(const uint32_t* v, const uint8_t* r0, int64_t ldr, int64_t np, float* c,
-                     int64_t ldc, const float* vs = nullptr, float s1 = 1.0f) {
+inline void dp_micro(const uint32_t* v, int64_t vld, const uint8_t* r0, int64_t ldr, int64_t np,
+                     float* c, int64_t ldc, const float* vs = nullptr, float s1 = 1.0f) {
   __m512 acc[MRV][NR];
   _Pragma("GCC unroll 4") for (int i = 0; i < MRV; ++i)
     _Pragma("GCC unroll 16") for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
   for (int64_t q = 0; q < np; ++q) {
     __m512bh vv[MRV];
     _Pragma("GCC unroll 4") for (int i = 0; i < MRV; ++i)
-      vv[i] = (__m512bh)_mm512_loadu_si512(v + q * 16 * MRV + 16 * i);
+      vv[i] = (__m512bh)_mm512_loadu_si512(v + q * vld + 16 * i);
     _Pragma("GCC unroll 16") for (int j = 0; j < NR; ++j) {
       const __m512bh b = (__m512bh)_mm512_set1_epi32(*reinterpret_cast<const unaligned_i32*>(r0 + j * ldr + 4 * q));
       _Pragma("GCC unroll 4") for (int i = 0; i < MRV; ++i) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], vv[i], b);
@@ -86,24 +86,36 @@ constexpr int dp_nr() {
   return MRV == 1 ? 16 : MRV == 2 ? 8 : 4;
 }
 
-// C[0 .. rows)[panel] for one V panel (MRV = 1..4 vectors) against `rows` R rows (a multiple
-// of dp_nr<MRV>()), one micro-kernel call per NR rows.
+// C[0 .. rows)[panel] for one V panel (MRV = 1..4 vectors, pair stride vld dwords) against
+// `rows` R rows (a multiple of dp_nr<MRV>()), one micro-kernel call per NR rows.
 template <Epi E>
-inline void dp_panel(int mrv, const uint32_t* v, const uint8_t* r, int64_t ldr, int64_t rows,
-                     int64_t np, float* c, int64_t ldc, const float* vs = nullptr, float s1 = 1.0f) {
+inline void dp_panel(int mrv, const uint32_t* v, int64_t vld, const uint8_t* r, int64_t ldr,
+                     int64_t rows, int64_t np, float* c, int64_t ldc, const float* vs = nullptr,
+                     float s1 = 1.0f) {
   switch (mrv) {
     case 1:
-      for (int64_t j = 0; j < rows; j += dp_nr<1>()) dp_micro<1, dp_nr<1>(), E>(v, r + j * ldr, ldr, np, c + j * ldc, ldc, vs, s1);
+      for (int64_t j = 0; j < rows; j += dp_nr<1>()) dp_micro<1, dp_nr<1>(), E>(v, vld, r + j * ldr, ldr, np, c + j * ldc, ldc, vs, s1);
       break;
     case 2:
-      for (int64_t j = 0; j < rows; j += dp_nr<2>()) dp_micro<2, dp_nr<2>(), E>(v, r + j * ldr, ldr, np, c + j * ldc, ldc, vs, s1);
+      for (int64_t j = 0; j < rows; j += dp_nr<2>()) dp_micro<2, dp_nr<2>(), E>(v, vld, r + j * ldr, ldr, np, c + j * ldc, ldc, vs, s1);
       break;
     case 3:
-      for (int64_t j = 0; j < rows; j += dp_nr<3>()) dp_micro<3, dp_nr<3>(), E>(v, r + j * ldr, ldr, np, c + j * ldc, ldc, vs, s1);
+      for (int64_t j = 0; j < rows; j += dp_nr<3>()) dp_micro<3, dp_nr<3>(), E>(v, vld, r + j * ldr, ldr, np, c + j * ldc, ldc, vs, s1);
       break;
     default:
-      for (int64_t j = 0; j < rows; j += dp_nr<4>()) dp_micro<4, dp_nr<4>(), E>(v, r + j * ldr, ldr, np, c + j * ldc, ldc, vs, s1);
+      for (int64_t j = 0; j < rows; j += dp_nr<4>()) dp_micro<4, dp_nr<4>(), E>(v, vld, r + j * ldr, ldr, np, c + j * ldc, ldc, vs, s1);
       break;
+  }
+}
+
+// C[0 .. rows)[0 .. cols) for a V operand of `cols` lanes (a multiple of 16, pair stride vld
+// dwords) in panels of up to 64 lanes, against `rows` R rows (a multiple of 16).
+template <Epi E>
+inline void dp_block(const uint32_t* v, int64_t vld, int64_t cols, const uint8_t* r, int64_t ldr,
+                     int64_t rows, int64_t np, float* c, int64_t ldc) {
+  for (int64_t c0 = 0; c0 < cols; c0 += 64) {
+    const int mrv = static_cast<int>(std::min<int64_t>(64, cols - c0) / 16);
+    dp_panel<E>(mrv, v + c0, vld, r, ldr, rows, np, c + c0, ldc);
   }
 }
 

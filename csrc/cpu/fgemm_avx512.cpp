@@ -189,9 +189,9 @@ void tile_engine(const FGemmArgs& a, const FGemmPlan& plan, const void* packed, 
         const int mrv = panel_mrv(o.v.rows, p);
         float* c = ct + 16 * s * ldc + (p - p0) * kPanel;
         if (q0 == 0) {  // the first block writes C, the others add to it
-          dp_panel<Epi::kStore>(mrv, vpanel(p, q0), rs, kStageLd * 2, 16, nq, c, ldc);
+          dp_panel<Epi::kStore>(mrv, vpanel(p, q0), 16 * mrv, rs, kStageLd * 2, 16, nq, c, ldc);
         } else {
-          dp_panel<Epi::kAdd>(mrv, vpanel(p, q0), rs, kStageLd * 2, 16, nq, c, ldc);
+          dp_panel<Epi::kAdd>(mrv, vpanel(p, q0), 16 * mrv, rs, kStageLd * 2, 16, nq, c, ldc);
         }
       }
     }

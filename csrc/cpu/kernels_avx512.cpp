@@ -285,7 +285,7 @@ void tile_avx512(const GemmArgs& args, const GemmPlan& plan, const void* packed,
       for (int64_t p = p0; p < p1; ++p) {
         const int mrv = panel_mrv(m, p);
         const uint32_t* panel = reinterpret_cast<const uint32_t*>(panels + p * kPanel * k);
-        dp_panel<Epi::kScaleAdd>(mrv, panel + kb * kPairsPerBlock * 16 * mrv,
+        dp_panel<Epi::kScaleAdd>(mrv, panel + kb * kPairsPerBlock * 16 * mrv, 16 * mrv,
                                  reinterpret_cast<const uint8_t*>(bd), kRowStride * 2, kStrip,
                                  kPairsPerBlock, ct + s * kStrip * ldc + (p - p0) * kPanel, ldc,
                                  at + kb * mp + p * kPanel, sb[kb]);

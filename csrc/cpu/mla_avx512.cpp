@@ -1,13 +1,17 @@
-// MLA kernels (mla.h), AVX-512: the tile product as an MR x (16 * NV) register block of fp32
-// FMAs, A broadcast one element at a time (any strides), B loaded as rows (masked at the
-// right edge). MR is chosen so that every block keeps at least 12 independent accumulators
-// (two FMA ports x four cycles of latency need 8 in flight).
+// MLA kernels (mla.h), AVX-512. bfloat16 runs mla_bf16.h's algorithms with both tile products
+// on the VDPBF16PS engine (dpbf16_avx512.h): the key rows (or P rows) are the broadcast
+// operand, read in place, and the query-side VNNI pairs the vector operand. fp32 and fp16 take
+// mla_impl.h's tile product as an MR x (16 * NV) register block of fp32 FMAs, A broadcast one
+// element at a time (any strides), B loaded as rows (masked at the right edge). MR is chosen so
+// that every block keeps at least 12 independent accumulators (two FMA ports x four cycles of
+// latency need 8 in flight).
 #include <immintrin.h>
 
 #include <array>
 #include <utility>
 
-#include "cpu/mla_impl.h"
+#include "cpu/dpbf16_avx512.h"
+#include "cpu/mla_bf16.h"
 
 namespace r1x::cpu {
 namespace {
@@ -85,10 +89,28 @@ struct GemmAvx512 {
   }
 };
 
+struct DpOps {
+  static void begin() {}
+  static void end() {}
+  static const MlaKernels& fallback() {
+    static const MlaKernels k = Mla<GemmAvx512>::table(Isa::kAvx512);
+    return k;
+  }
+  // s[64][lds] = kb[64][dp] . Q^T: the 64 key rows broadcast, Q^T's pairs the vectors
+  static void st(const uint16_t* kb, int64_t dp, const uint32_t* qv, int64_t ldq, int64_t ncols,
+                 float* s, int64_t lds) {
+    dp_block<Epi::kStore>(qv, ldq, ncols, reinterpret_cast<const uint8_t*>(kb), dp * 2, 64, dp / 2, s, lds);
+  }
+  // o[rpad][dvp] += pb[rpad][64] . V: the P rows broadcast, V's key pairs the vectors
+  static void pv(const uint16_t* pb, int64_t rpad, const uint32_t* vv, int64_t dvp, float* o) {
+    dp_block<Epi::kAdd>(vv, dvp, dvp, reinterpret_cast<const uint8_t*>(pb), 64 * 2, rpad, 32, o, dvp);
+  }
+};
+
 }  // namespace
 
 const MlaKernels& mla_kernels_avx512() {
-  static const MlaKernels k = Mla<GemmAvx512>::table(Isa::kAvx512);
+  static const MlaKernels k = MlaBf16<DpOps>::table(Isa::kAvx512);
   return k;
 }
 
