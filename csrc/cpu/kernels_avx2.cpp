@@ -1,15 +1,13 @@
-// AVX2 + FMA + F16C kernels. e4m3 is decoded to fp32 through fp16: the 7 magnitude bits of
-// an e4m3 byte shifted left by 7 form an fp16 whose value is the e4m3 value times 2^-8
-// (normals and subnormals alike), which F16C converts exactly; the 2^8 goes into the scales.
+// AVX2 + FMA + F16C kernels. e4m3 is decoded to fp32 through fp16 (fma_avx2.h's
+// decode32_f32: the value times 2^-8, exactly); the 2^8 goes into the scales.
 #include <immintrin.h>
 
-#include "cpu/fp8_scalar.h"
-#include "cpu/kernels.h"
+#include <algorithm>
+
+#include "cpu/fma_avx2.h"
 
 namespace r1x::cpu {
 namespace {
-
-constexpr float kDecodeUnscale = 256.0f;  // decoded value * 2^8 = true value
 
 inline __m256 load8_f32(const void* x, DType dtype, int64_t i) {
   switch (dtype) {
@@ -81,115 +79,221 @@ void quantize_avx2(const void* x, DType dtype, int64_t n, float scale, uint8_t* 
   for (; i < n; ++i) q[i] = f32_to_e4m3(load_as_f32(x, int(dtype), i) / scale);
 }
 
-// 8 e4m3 bytes -> 8 fp32 holding value * 2^-8 (NaN stays NaN).
-inline __m256 decode8(const uint8_t* p) {
-  const __m128i w = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-  const __m128i mag = _mm_and_si128(w, _mm_set1_epi16(0x7f));
-  __m128i h = _mm_or_si128(_mm_slli_epi16(mag, 7),
-                           _mm_slli_epi16(_mm_and_si128(w, _mm_set1_epi16(0x80)), 8));
-  h = _mm_blendv_epi8(h, _mm_set1_epi16(0x7e00), _mm_cmpeq_epi16(mag, _mm_set1_epi16(0x7f)));
-  return _mm256_cvtph_ps(h);
-}
-
 void dequantize_avx2(const uint8_t* q, int64_t n, float scale, float* out) {
-  const __m256 s = _mm256_set1_ps(scale);
-  const __m256 unscale = _mm256_set1_ps(kDecodeUnscale);
+  const __m256 unscale = _mm256_set1_ps(kE4m3Unscale), sc = _mm256_set1_ps(scale);
   int64_t i = 0;
   // (q * 2^-8) * 2^8 is exact, so the product with the scale rounds exactly as q * scale.
-  for (; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(decode8(q + i), unscale), s));
+  for (; i + 32 <= n; i += 32) {
+    __m256 v[4];
+    decode32_f32(q + i, v);
+    for (int g = 0; g < 4; ++g) _mm256_storeu_ps(out + i + 8 * g, _mm256_mul_ps(_mm256_mul_ps(v[g], unscale), sc));
+  }
   for (; i < n; ++i) out[i] = e4m3_to_f32(q[i]) * scale;
 }
 
-// ---- GEMM: fp32 FMA. A is decoded once to fp32 (true values). Per tile, B rows are decoded
-// 128 at a time into a buffer (values * 2^-8) and dotted with kMr rows of A at once.
-constexpr int kMr = 4;
-constexpr int kNr = 2;
+// ---- GEMM -------------------------------------------------------------------------------
+// Two engines, as on the avx512 path (kernels_avx512.cpp), on fp32 FMA:
+// * decode-sized batches (m <= kFusedMaxRows) stream the weights exactly once with the decode
+//   fused into dot products: A'[m, k] = a[m, k] * a_scale[m, kb] * b_scale[nb, kb] * 2^8
+//   (a tile of n rows lies inside one 128-row weight block; the 2^8 undoes decode32_f32's
+//   2^-8), so out[m, n] = sum_k A'[m, k] * b'[n, k] is one fp32 dot product over all of K;
+// * larger ones run C^T = B A^T on fma_micro: A decoded and packed once per call into panels
+//   of 16 rows ([k][16] fp32), the weights decoded 6 rows x one K block at a time into L1
+//   (the broadcast operand), per-128-K partial sums promoted with a_scale * b_scale (DeepGEMM's
+//   promotion); the next tile's weights are prefetched into L2 while one computes.
+constexpr int kVariantFused = 1;
+constexpr int kVariantEngine = 2;
+constexpr int64_t kFusedMaxRows = 8;
+constexpr int64_t kPanel = 16;    // A rows per panel (2 ymm)
+constexpr int64_t kStrip = 6;     // weight rows per micro-kernel call (NR)
+constexpr int64_t kStripLd = kGemmBlock + 8;  // decoded strip rows (floats)
+constexpr int64_t kTileM = 128;   // A rows per tile (8 panels)
+constexpr int64_t kTileNMax = 128;
+constexpr int64_t kTileBytes = 384 << 10;  // e4m3 bytes of a tile's weights (prefetched into L2)
+
+inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t round_up(int64_t a, int64_t b) { return cdiv(a, b) * b; }
+inline size_t panels_bytes(int64_t m, int64_t k) { return static_cast<size_t>(round_up(m, kPanel) * k) * 4; }
 
 GemmPlan plan_avx2(int64_t m, int64_t n, int64_t k) {
   GemmPlan p;
-  p.tile_m = m < 64 ? m : 64;
-  p.tile_n = 32;
-  p.pack_rows = 1;
-  p.packed_a_bytes = static_cast<size_t>(m * k) * sizeof(float);
-  p.scratch_bytes = static_cast<size_t>(p.tile_m * p.tile_n + kNr * kGemmBlock) * sizeof(float);
+  if (m <= kFusedMaxRows) {
+    p.variant = kVariantFused;
+    p.tile_m = m;
+    p.tile_n = 32;  // divides 128: a tile never straddles a weight block
+    p.pack_rows = 1;
+    p.packed_a_bytes = static_cast<size_t>(m * k) * 4;
+    p.scratch_bytes = static_cast<size_t>(m * k + m * p.tile_n) * 4;
+    return p;
+  }
+  p.variant = kVariantEngine;
+  const int64_t mp = round_up(m, kPanel);
+  p.pack_rows = kPanel;
+  p.packed_a_bytes = panels_bytes(m, k) + static_cast<size_t>(mp * (k / kGemmBlock)) * 4;
+  p.tile_m = std::min(mp, kTileM);
+  int64_t tn = kTileNMax;
+  while (tn > 16 && tn * k > kTileBytes) tn /= 2;
+  p.tile_n = tn;
+  p.scratch_bytes = static_cast<size_t>(kStrip * kStripLd + round_up(tn, kStrip) * p.tile_m) * 4;
   return p;
 }
 
-void pack_a_avx2(const GemmArgs& args, const GemmPlan&, int64_t m0, int64_t m1, void* packed) {
-  float* dst = static_cast<float*>(packed);
-  const __m256 unscale = _mm256_set1_ps(kDecodeUnscale);
-  for (int64_t i = m0 * args.k; i < m1 * args.k; i += 8)  // k % 128 == 0
-    _mm256_storeu_ps(dst + i, _mm256_mul_ps(decode8(args.a + i), unscale));
-}
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-template <int MR, int NR>
-inline void block_dots(const float* a, int64_t lda, const float* b, float* out /*[MR][NR]*/) {
-  __m256 acc[MR][NR];
-  _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i)
-    _Pragma("GCC unroll 8") for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
-  _Pragma("GCC unroll 16") for (int64_t kk = 0; kk < kGemmBlock; kk += 8) {
-    __m256 bv[NR];
-    _Pragma("GCC unroll 8") for (int j = 0; j < NR; ++j) bv[j] = _mm256_loadu_ps(b + j * kGemmBlock + kk);
-    _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i) {
-      const __m256 av = _mm256_loadu_ps(a + i * lda + kk);
-      _Pragma("GCC unroll 8") for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(av, bv[j], acc[i][j]);
-    }
+// Fused: A decoded once to exact fp32. Engine: A decoded and transposed into panels
+// [k][16] (rows past m: zeros), then the scales transposed, [k / 128][round_up(m, 16)].
+void pack_a_avx2(const GemmArgs& args, const GemmPlan& plan, int64_t m0, int64_t m1, void* packed) {
+  const int64_t k = args.k;
+  const __m256 unscale = _mm256_set1_ps(kE4m3Unscale);
+  if (plan.variant == kVariantFused) {
+    float* dst = static_cast<float*>(packed) + m0 * k;
+    decode_row_f32_avx2(args.a + m0 * k, (m1 - m0) * k, dst);
+    for (int64_t i = 0; i < (m1 - m0) * k; i += 8)
+      _mm256_storeu_ps(dst + i, _mm256_mul_ps(_mm256_loadu_ps(dst + i), unscale));
+    return;
   }
-  _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i)
-    _Pragma("GCC unroll 8") for (int j = 0; j < NR; ++j) out[i * NR + j] = hsum(acc[i][j]);
-}
-
-template <int NR>
-void tile_rows(const GemmArgs& args, const float* a, int64_t m0, int64_t m1, int64_t n,
-               int64_t n0, int64_t tn, float* acc, float* bbuf) {
-  const int64_t k = args.k, kblocks = k / kGemmBlock;
-  const float* sb = args.b_scale + (n / kGemmBlock) * kblocks;
-  for (int64_t kb = 0; kb < kblocks; ++kb) {
-    _Pragma("GCC unroll 8") for (int j = 0; j < NR; ++j)
-      for (int64_t i = 0; i < kGemmBlock; i += 8)
-        _mm256_storeu_ps(bbuf + j * kGemmBlock + i,
-                         decode8(args.b + (n + j) * k + kb * kGemmBlock + i));
-    const float sbk = sb[kb] * kDecodeUnscale;
-    int64_t m = m0;
-    float d[kMr * NR];
-    for (; m + kMr <= m1; m += kMr) {
-      block_dots<kMr, NR>(a + m * k + kb * kGemmBlock, k, bbuf, d);
-      _Pragma("GCC unroll 8") for (int i = 0; i < kMr; ++i) {
-        const float s = args.a_scale[(m + i) * kblocks + kb] * sbk;
-        _Pragma("GCC unroll 8") for (int j = 0; j < NR; ++j) acc[(m + i - m0) * tn + (n + j - n0)] += s * d[i * NR + j];
+  const int64_t kblocks = k / kGemmBlock, mp = round_up(args.m, kPanel);
+  float* at = reinterpret_cast<float*>(static_cast<char*>(packed) + panels_bytes(args.m, k));
+  for (int64_t p = m0 / kPanel; p < cdiv(m1, kPanel); ++p) {
+    float* panel = static_cast<float*>(packed) + p * kPanel * k;
+    for (int64_t half = 0; half < 2; ++half) {  // 8 rows -> one vector of each k
+      for (int64_t c = 0; c < k; c += 32) {
+        __m256 rows[8][4];
+        for (int r = 0; r < 8; ++r) {
+          const int64_t row = p * kPanel + 8 * half + r;
+          if (row < args.m) {
+            decode32_f32(args.a + row * k + c, rows[r]);
+          } else {
+            for (int g = 0; g < 4; ++g) rows[r][g] = _mm256_setzero_ps();
+          }
+        }
+        for (int g = 0; g < 4; ++g) {
+          __m256 t[8];
+          for (int r = 0; r < 8; ++r) t[r] = _mm256_mul_ps(rows[r][g], unscale);
+          transpose8x8(t);  // t[j]: element c + 8g + j of the 8 rows
+          for (int j = 0; j < 8; ++j) _mm256_storeu_ps(panel + (c + 8 * g + j) * kPanel + 8 * half, t[j]);
+        }
       }
     }
-    for (; m < m1; ++m) {
-      block_dots<1, NR>(a + m * k + kb * kGemmBlock, k, bbuf, d);
-      const float s = args.a_scale[m * kblocks + kb] * sbk;
-      _Pragma("GCC unroll 8") for (int j = 0; j < NR; ++j) acc[(m - m0) * tn + (n + j - n0)] += s * d[j];
+    for (int64_t row = p * kPanel; row < (p + 1) * kPanel; ++row)
+      for (int64_t kb = 0; kb < kblocks; ++kb)
+        at[kb * mp + row] = row < args.m ? args.a_scale[row * kblocks + kb] : 0.0f;
+  }
+}
+
+// out[i][j] = dot(as row i, b row n0 + j) for MR rows of A' and NR weight rows, decoding each
+// weight row's 32 bytes once for all MR rows.
+template <int MR, int NR>
+inline void fused_rows(const float* as, const uint8_t* b, int64_t k, float* out, int64_t ldo) {
+  __m256 acc[MR][NR];
+  _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i)
+    _Pragma("GCC unroll 4") for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < k; c += 32) {
+    _Pragma("GCC unroll 4") for (int j = 0; j < NR; ++j) {
+      const uint8_t* src = b + j * k + c;
+      _mm_prefetch(reinterpret_cast<const char*>(src) + 2048, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(src) + 8192, _MM_HINT_T1);
+      __m256 v[4];
+      decode32_f32(src, v);
+      _Pragma("GCC unroll 4") for (int g = 0; g < 4; ++g)
+        _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i)
+          acc[i][j] = _mm256_fmadd_ps(_mm256_loadu_ps(as + i * k + c + 8 * g), v[g], acc[i][j]);
     }
   }
+  _Pragma("GCC unroll 8") for (int i = 0; i < MR; ++i)
+    _Pragma("GCC unroll 4") for (int j = 0; j < NR; ++j) out[i * ldo + j] = hsum(acc[i][j]);
+}
+
+template <int MR>
+inline void fused_tile(const float* as, const GemmArgs& args, int64_t n0, int64_t n1, float* acc,
+                       int64_t tn) {
+  constexpr int NR = MR <= 2 ? 4 : MR <= 4 ? 2 : 1;
+  const int64_t k = args.k;
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) fused_rows<MR, NR>(as, args.b + n * k, k, acc + (n - n0), tn);
+  for (; n < n1; ++n) fused_rows<MR, 1>(as, args.b + n * k, k, acc + (n - n0), tn);
+}
+
+void tile_fused(const GemmArgs& args, const void* packed, int64_t m0, int64_t m1, int64_t n0,
+                int64_t n1, void* scratch) {
+  const float* a = static_cast<const float*>(packed);
+  const int64_t k = args.k, kblocks = k / kGemmBlock, tm = m1 - m0, tn = n1 - n0;
+  float* as = static_cast<float*>(scratch);  // [tm][k]: A with both scales (and 2^8) folded in
+  float* acc = as + tm * k;                  // [tm][tn]
+  const float* sb = args.b_scale + (n0 / kGemmBlock) * kblocks;
+  for (int64_t i = 0; i < tm; ++i) {
+    const float* sa = args.a_scale + (m0 + i) * kblocks;
+    for (int64_t kb = 0; kb < kblocks; ++kb) {
+      const __m256 s = _mm256_set1_ps(sa[kb] * sb[kb] * kE4m3Unscale);
+      for (int64_t c = kb * kGemmBlock; c < (kb + 1) * kGemmBlock; c += 8)
+        _mm256_storeu_ps(as + i * k + c, _mm256_mul_ps(_mm256_loadu_ps(a + (m0 + i) * k + c), s));
+    }
+  }
+  switch (tm) {
+    case 1: fused_tile<1>(as, args, n0, n1, acc, tn); break;
+    case 2: fused_tile<2>(as, args, n0, n1, acc, tn); break;
+    case 3: fused_tile<3>(as, args, n0, n1, acc, tn); break;
+    case 4: fused_tile<4>(as, args, n0, n1, acc, tn); break;
+    case 5: fused_tile<5>(as, args, n0, n1, acc, tn); break;
+    case 6: fused_tile<6>(as, args, n0, n1, acc, tn); break;
+    case 7: fused_tile<7>(as, args, n0, n1, acc, tn); break;
+    default: fused_tile<8>(as, args, n0, n1, acc, tn); break;
+  }
+  const size_t esize = args.out_dtype == DType::kF32 ? 4 : 2;
+  for (int64_t i = 0; i < tm; ++i)
+    store_row_avx2(acc + i * tn, tn, args.out_dtype, static_cast<char*>(args.out) + ((m0 + i) * args.n + n0) * esize);
 }
 
 void tile_avx2(const GemmArgs& args, const GemmPlan& plan, const void* packed, int64_t m0,
-               int64_t m1, int64_t n0, int64_t n1, void* scratch, TileCtx&) {
-  const float* a = static_cast<const float*>(packed);
-  const int64_t tn = n1 - n0;
-  float* acc = static_cast<float*>(scratch);
-  float* bbuf = acc + plan.tile_m * plan.tile_n;
-  for (int64_t i = 0; i < (m1 - m0) * tn; ++i) acc[i] = 0.0f;
-  int64_t n = n0;
-  // tile_n is a multiple of kNr and divides 128, so a row pair never straddles a scale block.
-  for (; n + kNr <= n1; n += kNr) tile_rows<kNr>(args, a, m0, m1, n, n0, tn, acc, bbuf);
-  for (; n < n1; ++n) tile_rows<1>(args, a, m0, m1, n, n0, tn, acc, bbuf);
+               int64_t m1, int64_t n0, int64_t n1, void* scratch, TileCtx& ctx) {
+  if (plan.variant == kVariantFused) return tile_fused(args, packed, m0, m1, n0, n1, scratch);
+  const int64_t m = args.m, k = args.k, kblocks = k / kGemmBlock, mp = round_up(m, kPanel);
+  const int64_t rows = n1 - n0, strips = cdiv(rows, kStrip);
+  const float* at = reinterpret_cast<const float*>(static_cast<const char*>(packed) + panels_bytes(m, k));
+  const float* sb = args.b_scale + (n0 / kGemmBlock) * kblocks;
+  const int64_t p0 = m0 / kPanel, p1 = cdiv(m1, kPanel), ldc = (p1 - p0) * kPanel;
+  float* bd = static_cast<float*>(scratch);  // [kStrip][kStripLd]: decoded weights (* 2^-8)
+  float* ct = bd + kStrip * kStripLd;        // [strips * kStrip][ldc]: C^T
+
+  const GemmArgs* na = static_cast<const GemmArgs*>(ctx.next_args);
+  const uint8_t* next = na ? na->b + ctx.next_n0 * na->k : nullptr;
+  const int64_t next_lines = na ? (ctx.next_n1 - ctx.next_n0) * na->k / 64 : 0;
+  const int64_t steps = kblocks * strips;
+  int64_t step = 0;
+
+  std::memset(ct, 0, static_cast<size_t>(strips * kStrip * ldc) * 4);
+  for (int64_t kb = 0; kb < kblocks; ++kb) {
+    const float s1 = sb[kb] * kE4m3Unscale;
+    for (int64_t s = 0; s < strips; ++s, ++step) {
+      const int64_t r0 = n0 + s * kStrip, r1 = std::min(n1, r0 + kStrip);
+      for (int64_t r = r0; r < r1; ++r)
+        decode_row_f32_avx2(args.b + r * k + kb * kGemmBlock, kGemmBlock, bd + (r - r0) * kStripLd);
+      for (int64_t r = r1 - r0; r < kStrip; ++r) std::memset(bd + r * kStripLd, 0, kGemmBlock * 4);
+      for (int64_t l = next_lines * step / steps; l < next_lines * (step + 1) / steps; ++l)
+        _mm_prefetch(reinterpret_cast<const char*>(next + l * 64), _MM_HINT_T1);
+      for (int64_t p = p0; p < p1; ++p) {
+        const float* panel = static_cast<const float*>(packed) + p * kPanel * k + kb * kGemmBlock * kPanel;
+        fma_micro<2, kStrip, FmaEpi::kScaleAdd>(panel, kPanel, bd, kStripLd, kGemmBlock,
+                                               ct + s * kStrip * ldc + (p - p0) * kPanel, ldc,
+                                               at + kb * mp + p * kPanel, s1);
+      }
+    }
+  }
+  // out[m0 + i][n0 + j] = ct[j][i]: 8 x 8 blocks transposed in registers
   const size_t esize = args.out_dtype == DType::kF32 ? 4 : 2;
-  for (int64_t m = m0; m < m1; ++m)
-    store_row_scalar(acc + (m - m0) * tn, tn, int(args.out_dtype),
-                     static_cast<char*>(args.out) + (m * args.n + n0) * esize);
+  alignas(32) float buf[8][8];
+  for (int64_t j0 = 0; j0 < rows; j0 += 8) {
+    const int64_t nj = std::min<int64_t>(8, rows - j0);
+    for (int64_t i0 = 0; i0 < m1 - m0; i0 += 8) {
+      __m256 t[8];
+      for (int j = 0; j < 8; ++j) t[j] = j < nj ? _mm256_loadu_ps(ct + (j0 + j) * ldc + i0) : _mm256_setzero_ps();
+      transpose8x8(t);
+      const int64_t ni = std::min<int64_t>(8, m1 - m0 - i0);
+      for (int64_t i = 0; i < ni; ++i) {
+        _mm256_store_ps(buf[i], t[i]);
+        store_row_avx2(buf[i], nj, args.out_dtype,
+                       static_cast<char*>(args.out) + ((m0 + i0 + i) * args.n + n0 + j0) * esize);
+      }
+    }
+  }
 }
 
 // 12 independent fp32 FMA chains (more than latency x throughput on current cores).
