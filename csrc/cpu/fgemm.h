@@ -52,6 +52,7 @@ struct FGemmKernels {
 };
 
 const FGemmKernels& fgemm_kernels_generic();
+const FGemmKernels& fgemm_kernels_avx2();
 const FGemmKernels& fgemm_kernels_avx512();
 const FGemmKernels& fgemm_kernels_amx();
 const FGemmKernels& fgemm_kernels_for(Isa isa);

@@ -62,6 +62,7 @@ const FGemmKernels& fgemm_kernels_for(Isa isa) {
   switch (isa) {
     case Isa::kAmx: return fgemm_kernels_amx();
     case Isa::kAvx512: return fgemm_kernels_avx512();
+    case Isa::kAvx2: return fgemm_kernels_avx2();
     default: return fgemm_kernels_generic();
   }
 }

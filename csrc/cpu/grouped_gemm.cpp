@@ -88,6 +88,9 @@ enum class Product { kForward, kGradA, kGradB };
 //     to oneDNN (and grad_b's from 256).
 //   avx512, fp32, 64 groups of 2816 x 2048 at 4-64 tokens: forward 0.33-0.87 (never); grad_a
 //     5-8x, grad_b 1.3-1.4x slower (the FMA kernel packs the weights to fp32 per call): always.
+//   avx2 (Zen 4 with r1x's avx2 path and oneDNN capped at AVX2), 8 groups of 1408 x 2048: fp32
+//     forward 1.15-1.25 at 64-512 tokens, grad_a 1.25, grad_b 1.3-1.5 (-> 64); bf16: oneDNN
+//     has no native bf16 below AVX512_CORE_BF16 and converts (never).
 //   amx: not re-measured here; its kernels were tuned against oneDNN on AMX (never).
 constexpr int64_t kNever = INT64_MAX;
 int64_t library_min_tokens(Product p, DType dt) {
@@ -95,6 +98,7 @@ int64_t library_min_tokens(Product p, DType dt) {
     case Isa::kAvx512:
       if (dt == DType::kBF16) return p == Product::kGradB ? 256 : 512;
       return p == Product::kForward ? kNever : 1;
+    case Isa::kAvx2: return dt == DType::kF32 ? 64 : kNever;
     default: return kNever;
   }
 }

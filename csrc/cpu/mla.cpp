@@ -20,6 +20,7 @@ const MlaKernels& kernels() {
   const Isa isa = active_isa();
   return isa >= Isa::kAmx      ? mla_kernels_amx()
          : isa >= Isa::kAvx512 ? mla_kernels_avx512()
+         : isa >= Isa::kAvx2   ? mla_kernels_avx2()
                                : mla_kernels_generic();
 }
 

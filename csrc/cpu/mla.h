@@ -96,6 +96,7 @@ struct MlaKernels {
 };
 
 const MlaKernels& mla_kernels_generic();
+const MlaKernels& mla_kernels_avx2();
 const MlaKernels& mla_kernels_avx512();
 const MlaKernels& mla_kernels_amx();  // the AVX-512 kernels, decode on AMX tiles for bf16
 
