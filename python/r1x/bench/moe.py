@@ -49,12 +49,16 @@ BWD_T = [64, 512]
 FP8_T = [1, 16]
 BREAKDOWN_T = 4096
 
-# What each measurement should reach (ratios r1x / baseline), per device.
+# What each measurement should reach (ratios r1x / baseline), per device and CPU path (the key
+# is "cuda" or "cpu_<path>", torch capped to the same class).
 TARGETS = {
-    "cpu": [("forward", "loop", lambda t: t <= 64, 3.0, "forward >= 3x the loop for T <= 64"),
-            ("forward", "loop", lambda t: t == 4096, 1.2, "forward >= 1.2x the loop at T = 4096"),
-            ("fwd+bwd", "loop", lambda t: t == 512, 1.5, "fwd+bwd >= 1.5x the loop at T = 512"),
-            ("fp8", "bf16", lambda t: t <= 16, 1.6, "FP8 experts >= 1.6x the bf16 layer for T <= 16")],
+    "cpu_amx": [("forward", "loop", lambda t: t <= 64, 3.0, "forward >= 3x the loop for T <= 64"),
+                ("forward", "loop", lambda t: t == 4096, 1.2, "forward >= 1.2x the loop at T = 4096"),
+                ("fwd+bwd", "loop", lambda t: t == 512, 1.5, "fwd+bwd >= 1.5x the loop at T = 512"),
+                ("fp8", "bf16", lambda t: t <= 16, 1.6, "FP8 experts >= 1.6x the bf16 layer for T <= 16")],
+    "cpu_avx512": [("forward", "loop", lambda t: t <= 64, 1.5, "forward >= 1.5x the loop for T <= 64"),
+                   ("forward", "loop", lambda t: t == 4096, 1.2, "forward >= 1.2x the loop at T = 4096"),
+                   ("fwd+bwd", "loop", lambda t: t == 512, 1.5, "fwd+bwd >= 1.5x the loop at T = 512")],
     "cuda": [],
 }
 SHARE_TARGET = {"cuda": 0.10}  # routing + dispatch + combine, of the layer's time at T = 4096
@@ -67,7 +71,7 @@ def default_plan(device: torch.device, full: bool = False) -> dict:
     v2_t = [t for t in T_VALUES if t <= 512] if cpu else T_VALUES
     return {
         "forward": [("small", t) for t in T_VALUES] + [("v2-lite", t) for t in v2_t],
-        "fwd+bwd": [("v2-lite", t) for t in BWD_T],
+        "fwd+bwd": [(name, t) for name in LAYERS for t in BWD_T],
         "fp8": [("small", t) for t in FP8_T] + [("v2-lite", t) for t in FP8_T],
         "breakdown": [("small", BREAKDOWN_T)] + ([] if cpu else [("v2-lite", BREAKDOWN_T)]),
         "grouped_gemm": device.type == "cuda",
@@ -298,7 +302,7 @@ def _x(rec, b) -> str:
 def evaluate_targets(records: list[dict], device: torch.device) -> list[dict]:
     """Every target with the (layer, T) it applies to: the ratio and met / not met."""
     out = []
-    for kind, base, applies, goal, text in TARGETS.get(device_tag(device), []):
+    for kind, base, applies, goal, text in TARGETS.get(common.target_key(device), []):
         for r in records:
             if r["kind"] == kind and applies(r["t"]) and base in r["speedup"]:
                 out.append({"target": text, "layer": r["layer"], "t": r["t"], "ratio": r["speedup"][base],
