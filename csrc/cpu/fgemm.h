@@ -51,6 +51,18 @@ struct FGemmKernels {
                int64_t m1, int64_t n0, int64_t n1, void* scratch, TileCtx& ctx);
 };
 
+// The next tile's broadcast rows where the engines read them in place (ctx.next_args an
+// FGemmArgs, or null): y's columns [n0, n1) when contiguous (a @ b.T: the weights), else x's
+// rows [m0, m1) when those are (grad @ b).
+inline SpreadPrefetch next_fgemm_rows(const TileCtx& ctx, int64_t steps) {
+  const FGemmArgs* na = static_cast<const FGemmArgs*>(ctx.next_args);
+  if (na == nullptr) return {};
+  const int64_t es = na->dtype == DType::kF32 ? 4 : 2;
+  if (na->y.rs == 1) return {na->y.ptr, ctx.next_n0, ctx.next_n1, na->y.cs, na->k, es, steps};
+  if (na->x.cs == 1) return {na->x.ptr, ctx.next_m0, ctx.next_m1, na->x.rs, na->k, es, steps};
+  return {};
+}
+
 const FGemmKernels& fgemm_kernels_generic();
 const FGemmKernels& fgemm_kernels_avx2();
 const FGemmKernels& fgemm_kernels_avx512();

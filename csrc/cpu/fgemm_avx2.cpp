@@ -151,16 +151,8 @@ void tile_engine(const FGemmArgs& a, const FGemmPlan& plan, const void* packed, 
   float* stage = ct + strips * kStrip * ldc;  // [6][kStripLd]
   float* vblock = stage + kStrip * kStripLd;  // S: [panels][kBlock][16]
 
-  // the next tile's weights when they are read in place (a forward's y columns)
-  const uint8_t* next = nullptr;
-  int64_t next_lines = 0;
-  const FGemmArgs* na = static_cast<const FGemmArgs*>(ctx.next_args);
-  if (na != nullptr && na->y.rs == 1 && ctx.next_n1 > ctx.next_n0) {
-    const int64_t es = na->dtype == DType::kF32 ? 4 : 2;
-    next = static_cast<const uint8_t*>(na->y.ptr) + ctx.next_n0 * na->y.cs * es;
-    next_lines = cdiv(((ctx.next_n1 - ctx.next_n0 - 1) * na->y.cs + na->k) * es, 64);
-  }
-  const int64_t steps = cdiv(a.k, kBlock) * strips;
+  // the next tile's broadcast rows, when read in place, arrive while this tile computes
+  const SpreadPrefetch next = next_fgemm_rows(ctx, cdiv(a.k, kBlock) * strips);
   int64_t step = 0;
 
   for (int64_t c0 = 0; c0 < a.k; c0 += kBlock) {
@@ -168,8 +160,7 @@ void tile_engine(const FGemmArgs& a, const FGemmPlan& plan, const void* packed, 
     if (!o.out_t)
       for (int64_t p = p0; p < p1; ++p) pack_panel(o.v, p * kPanel, c0, nc, vblock + (p - p0) * kPanel * kBlock);
     for (int64_t s = 0; s < strips; ++s, ++step) {
-      for (int64_t l = next_lines * step / steps; l < next_lines * (step + 1) / steps; ++l)
-        _mm_prefetch(reinterpret_cast<const char*>(next + l * 64), _MM_HINT_T1);
+      next.step(step);
       for (int64_t i = 0; i < kStrip; ++i) {  // 6 broadcast rows of this block, in fp32
         const int64_t row = r0 + s * kStrip + i;
         float* d = stage + i * kStripLd;

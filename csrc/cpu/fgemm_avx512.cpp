@@ -115,18 +115,6 @@ void pack_engine(const FGemmArgs& a, const FGemmPlan& plan, int64_t u0, int64_t 
   }
 }
 
-// The bytes of R rows [r0, r1) when they are read in place (empty when R is packed).
-struct RRegion {
-  const uint8_t* p = nullptr;
-  int64_t bytes = 0;
-};
-RRegion r_region(const Oriented& o, int64_t r0, int64_t r1) {
-  if (o.r_packed || r1 <= r0) return {};
-  const uint8_t* first = reinterpret_cast<const uint8_t*>(o.r.p + r0 * o.r.rs);
-  const uint8_t* end = reinterpret_cast<const uint8_t*>(o.r.p + (r1 - 1) * o.r.rs + o.r.cols);
-  return {first, end - first};
-}
-
 void tile_engine(const FGemmArgs& a, const FGemmPlan& plan, const void* packed, int64_t m0,
                  int64_t m1, int64_t n0, int64_t n1, void* scratch, TileCtx& ctx) {
   const Oriented o = orient(a, plan.variant);
@@ -152,16 +140,8 @@ void tile_engine(const FGemmArgs& a, const FGemmPlan& plan, const void* packed, 
                    : vblock + (p - p0) * kPanel * kBlockPairs;
   };
 
-  // The next tile's R rows (the weights, read in place) are prefetched into L2 a slice per step,
-  // so they arrive while this tile computes; this tile's were, during the previous one.
-  RRegion next;
-  if (const FGemmArgs* na = static_cast<const FGemmArgs*>(ctx.next_args)) {
-    const int nv = plan_engine(*na).variant;
-    const Oriented no = orient(*na, nv);
-    next = no.out_t ? r_region(no, ctx.next_n0, ctx.next_n1) : r_region(no, ctx.next_m0, ctx.next_m1);
-  }
-  const int64_t next_lines = cdiv(next.bytes, 64);
-  const int64_t steps = cdiv(np, kBlockPairs) * strips;
+  // the next tile's R rows, when read in place, arrive while this tile computes
+  const SpreadPrefetch next = next_fgemm_rows(ctx, cdiv(np, kBlockPairs) * strips);
   int64_t step = 0;
 
   for (int64_t q0 = 0; q0 < np; q0 += kBlockPairs) {
@@ -172,8 +152,7 @@ void tile_engine(const FGemmArgs& a, const FGemmPlan& plan, const void* packed, 
       for (int64_t p = p0; p < p1; ++p)
         pack_v_panel(o.v, p * kPanel, panel_mrv(o.v.rows, p), q0, nq, vblock + (p - p0) * kPanel * kBlockPairs);
     for (int64_t s = 0; s < strips; ++s, ++step) {
-      for (int64_t l = next_lines * step / steps; l < next_lines * (step + 1) / steps; ++l)
-        _mm_prefetch(reinterpret_cast<const char*>(next.p + l * 64), _MM_HINT_T1);
+      next.step(step);
       // this block of 16 R rows, staged (rows past r1: zeros)
       for (int64_t i = 0; i < 16; ++i) {
         const int64_t row = r0 + 16 * s + i;

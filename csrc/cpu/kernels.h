@@ -44,6 +44,28 @@ struct TileCtx {
   int64_t next_m0 = 0, next_m1 = 0, next_n0 = 0, next_n1 = 0;
 };
 
+// Brings rows [r0, r1) of a matrix (row stride rs, rows of len elements of es bytes) into L2 a
+// slice per step, over the `steps` steps of a tile's work: a kernel requests the next tile's
+// weights while it computes this one, so they arrive without stalling either tile.
+struct SpreadPrefetch {
+  const uint8_t* p = nullptr;
+  int64_t lines = 0, steps = 1;
+  SpreadPrefetch() = default;
+  SpreadPrefetch(const void* base, int64_t r0, int64_t r1, int64_t rs, int64_t len, int64_t es, int64_t n)
+      : p(static_cast<const uint8_t*>(base) + r0 * rs * es),
+        lines(r1 > r0 ? (((r1 - 1 - r0) * rs + len) * es + 63) / 64 : 0),
+        steps(n > 0 ? n : 1) {}
+  void step(int64_t i) const {
+    for (int64_t l = lines * i / steps; l < lines * (i + 1) / steps; ++l) __builtin_prefetch(p + l * 64, 0, 2);
+  }
+};
+
+// The next tile's weight rows of an FP8 GEMM (ctx.next_args a GemmArgs, or null).
+inline SpreadPrefetch next_fp8_weights(const TileCtx& ctx, int64_t steps) {
+  const GemmArgs* na = static_cast<const GemmArgs*>(ctx.next_args);
+  return na ? SpreadPrefetch(na->b, ctx.next_n0, ctx.next_n1, na->k, na->k, 1, steps) : SpreadPrefetch();
+}
+
 struct Kernels {
   Isa isa;
   // max |x[i]| over n contiguous elements; NaN if any element is NaN.

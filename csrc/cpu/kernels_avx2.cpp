@@ -253,10 +253,7 @@ void tile_avx2(const GemmArgs& args, const GemmPlan& plan, const void* packed, i
   float* bd = static_cast<float*>(scratch);  // [kStrip][kStripLd]: decoded weights (* 2^-8)
   float* ct = bd + kStrip * kStripLd;        // [strips * kStrip][ldc]: C^T
 
-  const GemmArgs* na = static_cast<const GemmArgs*>(ctx.next_args);
-  const uint8_t* next = na ? na->b + ctx.next_n0 * na->k : nullptr;
-  const int64_t next_lines = na ? (ctx.next_n1 - ctx.next_n0) * na->k / 64 : 0;
-  const int64_t steps = kblocks * strips;
+  const SpreadPrefetch next = next_fp8_weights(ctx, kblocks * strips);
   int64_t step = 0;
 
   std::memset(ct, 0, static_cast<size_t>(strips * kStrip * ldc) * 4);
@@ -267,8 +264,7 @@ void tile_avx2(const GemmArgs& args, const GemmPlan& plan, const void* packed, i
       for (int64_t r = r0; r < r1; ++r)
         decode_row_f32_avx2(args.b + r * k + kb * kGemmBlock, kGemmBlock, bd + (r - r0) * kStripLd);
       for (int64_t r = r1 - r0; r < kStrip; ++r) std::memset(bd + r * kStripLd, 0, kGemmBlock * 4);
-      for (int64_t l = next_lines * step / steps; l < next_lines * (step + 1) / steps; ++l)
-        _mm_prefetch(reinterpret_cast<const char*>(next + l * 64), _MM_HINT_T1);
+      next.step(step);
       for (int64_t p = p0; p < p1; ++p) {
         const float* panel = static_cast<const float*>(packed) + p * kPanel * k + kb * kGemmBlock * kPanel;
         fma_micro<2, kStrip, FmaEpi::kScaleAdd>(panel, kPanel, bd, kStripLd, kGemmBlock,

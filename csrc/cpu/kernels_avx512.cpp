@@ -238,11 +238,6 @@ inline void store_transposed(const float* ct, int64_t ldc, int64_t tm, int64_t t
   }
 }
 
-// Prefetches lines [l0, l1) of the bytes at p into L2.
-inline void prefetch_lines(const uint8_t* p, int64_t l0, int64_t l1) {
-  for (int64_t l = l0; l < l1; ++l) _mm_prefetch(reinterpret_cast<const char*>(p + l * 64), _MM_HINT_T1);
-}
-
 void tile_avx512(const GemmArgs& args, const GemmPlan& plan, const void* packed, int64_t m0,
                  int64_t m1, int64_t n0, int64_t n1, void* scratch, TileCtx& ctx) {
   if (plan.variant == kVariantFused) return tile_fused(args, packed, m0, m1, n0, n1, scratch);
@@ -259,10 +254,7 @@ void tile_avx512(const GemmArgs& args, const GemmPlan& plan, const void* packed,
   // The next tile's weight rows (contiguous in B) are prefetched into L2 a slice per step, so
   // they arrive while this tile computes; this tile's were, during the previous one (else the
   // first K block waits for memory).
-  const GemmArgs* na = static_cast<const GemmArgs*>(ctx.next_args);
-  const uint8_t* next = na ? na->b + ctx.next_n0 * na->k : nullptr;
-  const int64_t next_lines = na ? (ctx.next_n1 - ctx.next_n0) * na->k / 64 : 0;
-  const int64_t steps = kblocks * strips;
+  const SpreadPrefetch next = next_fp8_weights(ctx, kblocks * strips);
   int64_t step = 0;
 
   std::memset(ct, 0, static_cast<size_t>(strips * kStrip * ldc) * 4);
@@ -281,7 +273,7 @@ void tile_avx512(const GemmArgs& args, const GemmPlan& plan, const void* packed,
         }
       }
       for (int64_t r = r1 - r0; r < kStrip; ++r) std::memset(bd + r * kRowStride, 0, kGemmBlock * 2);
-      prefetch_lines(next, next_lines * step / steps, next_lines * (step + 1) / steps);
+      next.step(step);
       for (int64_t p = p0; p < p1; ++p) {
         const int mrv = panel_mrv(m, p);
         const uint32_t* panel = reinterpret_cast<const uint32_t*>(panels + p * kPanel * k);
