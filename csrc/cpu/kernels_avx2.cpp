@@ -109,7 +109,9 @@ constexpr int64_t kStrip = 6;     // weight rows per micro-kernel call (NR)
 constexpr int64_t kStripLd = kGemmBlock + 8;  // decoded strip rows (floats)
 constexpr int64_t kTileM = 128;   // A rows per tile (8 panels)
 constexpr int64_t kTileNMax = 128;
-constexpr int64_t kTileBytes = 384 << 10;  // e4m3 bytes of a tile's weights (prefetched into L2)
+// e4m3 bytes of a tile's weights (prefetched into L2) where weight streaming is the bound (a
+// single A panel); larger batches keep 128 columns a tile (see kernels_avx512.cpp)
+constexpr int64_t kTileBytes = 384 << 10;
 
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round_up(int64_t a, int64_t b) { return cdiv(a, b) * b; }
@@ -132,7 +134,7 @@ GemmPlan plan_avx2(int64_t m, int64_t n, int64_t k) {
   p.packed_a_bytes = panels_bytes(m, k) + static_cast<size_t>(mp * (k / kGemmBlock)) * 4;
   p.tile_m = std::min(mp, kTileM);
   int64_t tn = kTileNMax;
-  while (tn > 16 && tn * k > kTileBytes) tn /= 2;
+  while (m <= kPanel && tn > 16 && tn * k > kTileBytes) tn /= 2;
   p.tile_n = tn;
   p.scratch_bytes = static_cast<size_t>(kStrip * kStripLd + round_up(tn, kStrip) * p.tile_m) * 4;
   return p;
