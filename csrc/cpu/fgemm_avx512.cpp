@@ -242,6 +242,8 @@ struct PackedCols {
   int64_t kp;
   __m512 load(int64_t j, int64_t p) const { return _mm512_loadu_ps(base + j * kp + p); }
   __m512 load_tail(int64_t j, int64_t p, __mmask16) const { return load(j, p); }  // zero-padded
+  static constexpr int64_t kLine = 0;  // packed: nothing to prefetch
+  void prefetch(int64_t, int64_t) const {}
 };
 struct DirectF32 {
   const float* base;
@@ -250,6 +252,8 @@ struct DirectF32 {
   __m512 load_tail(int64_t j, int64_t p, __mmask16 m) const {
     return _mm512_maskz_loadu_ps(m, base + j * stride + p);
   }
+  static constexpr int64_t kLine = 16;  // elements per cache line
+  void prefetch(int64_t j, int64_t p) const { __builtin_prefetch(base + j * stride + p, 0, 3); }
 };
 struct DirectBF16 {
   const uint16_t* base;
@@ -263,17 +267,25 @@ struct DirectBF16 {
   __m512 load_tail(int64_t j, int64_t p, __mmask16 m) const {
     return widen(_mm256_maskz_loadu_epi16(m, base + j * stride + p));
   }
+  static constexpr int64_t kLine = 32;
+  void prefetch(int64_t j, int64_t p) const { __builtin_prefetch(base + j * stride + p, 0, 3); }
 };
 
 // out[i * ldo + j] = dot(x row i, column j) for i < MR, j < NR.
+// With `prefetch`, the next NR columns are requested a line for each line of these consumed
+// (short weight rows would otherwise start every hardware stream cold).
 template <int MR, int NR, class Src>
 void micro(const float* x, int64_t kp, const Src& src, int64_t j0, int64_t k, float* out,
-           int64_t ldo) {
+           int64_t ldo, bool prefetch = false) {
   __m512 acc[MR][NR];
   _Pragma("GCC unroll 4") for (int i = 0; i < MR; ++i)
     _Pragma("GCC unroll 4") for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
   const int64_t kfull = k / 16 * 16;
   for (int64_t p = 0; p < kfull; p += 16) {
+    if constexpr (Src::kLine > 0) {
+      if (prefetch && p % Src::kLine == 0)
+        _Pragma("GCC unroll 4") for (int j = 0; j < NR; ++j) src.prefetch(j0 + NR + j, p);
+    }
     __m512 yv[NR];
     _Pragma("GCC unroll 4") for (int j = 0; j < NR; ++j) yv[j] = src.load(j0 + j, p);
     _Pragma("GCC unroll 4") for (int i = 0; i < MR; ++i) {
@@ -298,11 +310,11 @@ template <int NR, class Src>
 void rows(const float* x, int64_t kp, int64_t tm, const Src& src, int64_t j0, int64_t k,
           float* out, int64_t ldo) {
   int64_t i = 0;
-  for (; i + kMr <= tm; i += kMr) micro<kMr, NR>(x + i * kp, kp, src, j0, k, out + i * ldo, ldo);
+  for (; i + kMr <= tm; i += kMr) micro<kMr, NR>(x + i * kp, kp, src, j0, k, out + i * ldo, ldo, i == 0);
   switch (tm - i) {
-    case 3: micro<3, NR>(x + i * kp, kp, src, j0, k, out + i * ldo, ldo); break;
-    case 2: micro<2, NR>(x + i * kp, kp, src, j0, k, out + i * ldo, ldo); break;
-    case 1: micro<1, NR>(x + i * kp, kp, src, j0, k, out + i * ldo, ldo); break;
+    case 3: micro<3, NR>(x + i * kp, kp, src, j0, k, out + i * ldo, ldo, i == 0); break;
+    case 2: micro<2, NR>(x + i * kp, kp, src, j0, k, out + i * ldo, ldo, i == 0); break;
+    case 1: micro<1, NR>(x + i * kp, kp, src, j0, k, out + i * ldo, ldo, i == 0); break;
     default: break;
   }
 }
