@@ -226,11 +226,11 @@ void micro(const float* x, int64_t kp, const View& y, int64_t j0, int64_t k, flo
   constexpr int64_t es = BF16 ? 2 : 4, kLine = BF16 ? 32 : 16;  // elements per cache line
   __m256 acc[MR][NR];
   _Pragma("GCC unroll 4") for (int i = 0; i < MR; ++i)
-    _Pragma("GCC unroll 4") for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
+    _Pragma("GCC unroll 8") for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
   auto step = [&](const __m256* yv, int64_t p) {
     _Pragma("GCC unroll 4") for (int i = 0; i < MR; ++i) {
       const __m256 xv = _mm256_loadu_ps(x + i * kp + p);  // zero-padded
-      _Pragma("GCC unroll 4") for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(xv, yv[j], acc[i][j]);
+      _Pragma("GCC unroll 8") for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(xv, yv[j], acc[i][j]);
     }
   };
   const int64_t kf = k / 8 * 8;
@@ -238,20 +238,18 @@ void micro(const float* x, int64_t kp, const View& y, int64_t j0, int64_t k, flo
   const char* next = static_cast<const char*>(y.p) + (j0 + NR) * y.rs * es;  // next columns
   for (; p < kf; p += 8) {
     if (prefetch && p % kLine == 0)
-      _Pragma("GCC unroll 4") for (int j = 0; j < NR; ++j) __builtin_prefetch(next + (j * y.rs + p) * es, 0, 3);
-    if (prefetch && !BF16 && p % kLine == 8)
-      _Pragma("GCC unroll 4") for (int j = 0; j < NR; ++j) __builtin_prefetch(next + (j * y.rs + p) * es, 0, 3);
+      _Pragma("GCC unroll 8") for (int j = 0; j < NR; ++j) __builtin_prefetch(next + (j * y.rs + p) * es, 0, 3);
     __m256 yv[NR];
-    _Pragma("GCC unroll 4") for (int j = 0; j < NR; ++j) yv[j] = load_y8<BF16>(y.p, (j0 + j) * y.rs + p);
+    _Pragma("GCC unroll 8") for (int j = 0; j < NR; ++j) yv[j] = load_y8<BF16>(y.p, (j0 + j) * y.rs + p);
     step(yv, p);
   }
   if (p < k) {
     __m256 yv[NR];
-    _Pragma("GCC unroll 4") for (int j = 0; j < NR; ++j) yv[j] = y.load8(j0 + j, p, k - p);
+    _Pragma("GCC unroll 8") for (int j = 0; j < NR; ++j) yv[j] = y.load8(j0 + j, p, k - p);
     step(yv, p);
   }
   _Pragma("GCC unroll 4") for (int i = 0; i < MR; ++i)
-    _Pragma("GCC unroll 4") for (int j = 0; j < NR; ++j) out[i * ldo + j] = hsum(acc[i][j]);
+    _Pragma("GCC unroll 8") for (int j = 0; j < NR; ++j) out[i * ldo + j] = hsum(acc[i][j]);
 }
 
 template <int NR, bool BF16>
@@ -264,6 +262,8 @@ void dot_rows(const float* x, int64_t kp, int64_t tm, const View& y, int64_t j0,
 template <bool BF16>
 void dot_columns(const float* x, int64_t kp, int64_t tm, const View& y, int64_t n0, int64_t n1, int64_t k, float* acc, int64_t tn) {
   int64_t j = n0;
+  if (tm == 1)  // one row: 8 columns at a time (8 accumulators, 8 weight streams)
+    for (; j + 8 <= n1; j += 8) micro<1, 8, BF16>(x, kp, y, j, k, acc + (j - n0), tn, true);
   for (; j + kNr <= n1; j += kNr) dot_rows<kNr, BF16>(x, kp, tm, y, j, k, acc + (j - n0), tn);
   for (; j < n1; ++j) dot_rows<1, BF16>(x, kp, tm, y, j, k, acc + (j - n0), tn);
 }
