@@ -77,3 +77,20 @@ def test_fp8_targets_follow_the_path():
         assert not by[("M = 16: >= 1.5x bf16 matmul", "16x7168x2048")]
         assert by[("M >= 128: >= 0.85x bf16 matmul", "128x7168x2048")]
         assert sum(t["target"].startswith("never slower") for t in got) == 3
+
+
+def test_moe_bench_grouped_gemm_against_one_matmul():
+    """The CPU grouped GEMM measurement: r1x.grouped_gemm against one matmul of the same FLOPs,
+    with the issue target evaluated on the avx512 path."""
+    from r1x.bench import moe
+
+    dev = torch.device("cpu")
+    timer = common.Timer(dev, budget_s=0.01)
+    rec = moe.bench_grouped_gemm_cpu(dev, timer, torch.Generator().manual_seed(0), groups=3, rows=8, n=40, k=64)
+    assert rec["kind"] == "grouped_gemm" and rec["t"] == 24 and set(rec["times"]) == {"r1x", "one matmul"}
+    assert rec["speedup"]["one matmul"] > 0 and all(v > 0 for v in rec["tflops"].values())
+    table = moe.make_table([rec])
+    assert "3x8x40x64" in table and "one matmul" in table
+    fake = dict(rec, t=8 * 512)
+    with r1x.use_cpu_isa("generic"):  # no target on generic
+        assert moe.evaluate_targets([fake], dev) == []

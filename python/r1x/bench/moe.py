@@ -17,7 +17,9 @@ experts of width 1408, 2 shared, top-6, softmax scores, no group limit) and ``sm
   ``moe_dispatch``, the expert GEMMs, ``moe_combine``, the shared experts), to report the share
   of routing + dispatch + combine in the layer's time;
 * on CUDA, ``grouped_gemm``: :func:`r1x.fp8_grouped_gemm` in TFLOP/s on 4 groups x 8192 rows,
-  N = 4096, K = 7168, against ``torch._grouped_mm`` in bf16.
+  N = 4096, K = 7168, against ``torch._grouped_mm`` in bf16; on the CPU, :func:`r1x.grouped_gemm`
+  (bf16, the v2-lite expert shape N = 1408, K = 2048) on 8 x 512, 8 x 64 and 64 x 32 rows
+  against one torch matmul of the same FLOPs (``one matmul``: all rows times one expert).
 """
 
 from __future__ import annotations
@@ -58,7 +60,9 @@ TARGETS = {
                 ("fp8", "bf16", lambda t: t <= 16, 1.6, "FP8 experts >= 1.6x the bf16 layer for T <= 16")],
     "cpu_avx512": [("forward", "loop", lambda t: t <= 64, 1.5, "forward >= 1.5x the loop for T <= 64"),
                    ("forward", "loop", lambda t: t == 4096, 1.2, "forward >= 1.2x the loop at T = 4096"),
-                   ("fwd+bwd", "loop", lambda t: t == 512, 1.5, "fwd+bwd >= 1.5x the loop at T = 512")],
+                   ("fwd+bwd", "loop", lambda t: t == 512, 1.5, "fwd+bwd >= 1.5x the loop at T = 512"),
+                   ("grouped_gemm", "one matmul", lambda t: t == 8 * 512, 0.9,
+                    "grouped_gemm bf16 8 x 512 rows (1408 x 2048) >= 0.9x one matmul of the same FLOPs")],
     "cuda": [],
 }
 SHARE_TARGET = {"cuda": 0.10}  # routing + dispatch + combine, of the layer's time at T = 4096
@@ -74,7 +78,7 @@ def default_plan(device: torch.device, full: bool = False) -> dict:
         "fwd+bwd": [(name, t) for name in LAYERS for t in BWD_T],
         "fp8": [("small", t) for t in FP8_T] + [("v2-lite", t) for t in FP8_T],
         "breakdown": [("small", BREAKDOWN_T)] + ([] if cpu else [("v2-lite", BREAKDOWN_T)]),
-        "grouped_gemm": device.type == "cuda",
+        "grouped_gemm": True,
     }
 
 
@@ -275,6 +279,22 @@ def bench_grouped_gemm(device, timer, gen, groups=4, rows=8192, n=4096, k=7168) 
     return _speedups(rec, "r1x fp8")
 
 
+CPU_GROUPED = [(8, 512), (8, 64), (64, 32)]  # (groups, rows per group) at N = 1408, K = 2048
+
+
+def bench_grouped_gemm_cpu(device, timer, gen, groups: int, rows: int, n: int = 1408, k: int = 2048) -> dict:
+    """r1x.grouped_gemm (bf16) on equal groups against one torch matmul of the same FLOPs."""
+    a = torch.randn(groups * rows, k, generator=gen).to(device, torch.bfloat16)
+    b = (torch.randn(groups, n, k, generator=gen) * k**-0.5).to(device, torch.bfloat16)
+    offs = torch.arange(1, groups + 1, dtype=torch.int32, device=device) * rows
+    w = b[0].t()
+    flops = 2 * groups * rows * n * k
+    rec = {"kind": "grouped_gemm", "layer": f"{groups}x{rows}x{n}x{k}", "t": groups * rows, "flops": flops,
+           "times": timer.compare({"r1x": lambda: r1x.grouped_gemm(a, b, offs), "one matmul": lambda: a @ w})}
+    rec["tflops"] = {m: flops / v["median_s"] / 1e12 for m, v in rec["times"].items()}
+    return _speedups(rec, "r1x")
+
+
 def read_bandwidth(device: torch.device, timer: Timer) -> float:
     """GB/s of a sum over 512 MB (cold): the memory roof the decode-sized forwards approach."""
     buf = torch.ones(128 << 20, dtype=torch.float32, device=device)
@@ -346,8 +366,11 @@ def make_table(records: list[dict], targets: list[dict] | None = None) -> str:
             rows))
     gg = [r for r in records if r["kind"] == "grouped_gemm"]
     if gg:
-        rows = [[r["layer"], m, _ms(r, m), f"{r['tflops'][m]:.1f}"] for r in gg for m in r["times"]]
-        parts.append("Grouped GEMM (groups x rows x N x K):\n\n" + format_table(["shape", "method", "ms", "TFLOP/s"], rows))
+        prec = 1 if any(v > 10 for r in gg for v in r["tflops"].values()) else 3
+        rows = [[r["layer"], m, _ms(r, m), f"{r['tflops'][m]:.{prec}f}", _x(r, m) if m in r["speedup"] else "-"]
+                for r in gg for m in r["times"]]
+        parts.append("Grouped GEMM (groups x rows x N x K; vs: r1x's speed-up over the method):\n\n" + format_table(
+            ["shape", "method", "ms", "TFLOP/s", "vs"], rows))
     if targets:
         rows = [[t["target"], t["layer"], t["t"],
                  f"{t['ratio']:.1%}" if "share" in t["target"] else f"{t['ratio']:.2f}x",
@@ -438,8 +461,12 @@ def run(device: str = "cpu", full: bool = False, out_dir: str | None = None, bud
                 add(bench_fp8(layer, layer8, name, t, dev, timer, gen))
             del layer8
         del layer
-    if plan["grouped_gemm"] and layers is None:
-        add(bench_grouped_gemm(dev, timer, gen))
+    if plan["grouped_gemm"] and layers is None and tokens is None:
+        if dev.type == "cuda":
+            add(bench_grouped_gemm(dev, timer, gen))
+        else:
+            for groups, rows in CPU_GROUPED:
+                add(bench_grouped_gemm_cpu(dev, timer, gen, groups, rows))
 
     meta = machine_info(dev)
     meta["mem_read_gbps"] = round(read_bandwidth(dev, timer), 1)
