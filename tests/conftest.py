@@ -1,5 +1,7 @@
 import os
 import random
+import signal
+import threading
 import zlib
 
 import pytest
@@ -19,6 +21,29 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     # also under -q (which hides the header): a failure can be replayed from CI's log
     if exitstatus != 0:
         terminalreporter.write_line(f"r1x test seed {SESSION_SEED}: rerun with R1X_TEST_SEED={SESSION_SEED}")
+
+
+# R1X_TEST_TIMEOUT=<seconds>: a test running longer fails with TimeoutError (SIGALRM in the main
+# thread), so one hung kernel costs one test, not the whole run (benchmarks/gpu_check.sh sets it).
+TEST_TIMEOUT = float(os.environ.get("R1X_TEST_TIMEOUT", "0") or 0)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    if TEST_TIMEOUT <= 0 or not hasattr(signal, "SIGALRM") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        raise TimeoutError(f"{item.nodeid} ran past R1X_TEST_TIMEOUT={TEST_TIMEOUT:g} s")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, TEST_TIMEOUT)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def available_isas():

@@ -24,6 +24,23 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 TOL = {torch.float32: (2e-5, 1e-10), torch.bfloat16: (2e-2, 2e-5), torch.float16: (4e-3, 1e-6)}
 
 
+# On CUDA every test runs three times: the default kernels (wgmma on sm_90a where they apply),
+# R1X_MLA_NO_SM90=1 (the mma.sync kernels everywhere) and R1X_MLA_SIMT=1 (the CUDA-core kernels
+# for every dtype), so each implementation is checked against the reference on every case.
+CUDA_PATHS = {"cuda": {}, "cuda-no_sm90": {"R1X_MLA_NO_SM90": "1"}, "cuda-simt": {"R1X_MLA_SIMT": "1"}}
+
+
+@pytest.fixture(params=["cpu"] + (list(CUDA_PATHS) if torch.cuda.is_available() else []))
+def device(request, monkeypatch):
+    """The device of the MLA tests ("cpu" or "cuda"), with the CUDA kernel path set (the
+    kernels read R1X_MLA_NO_SM90 / R1X_MLA_SIMT at every call)."""
+    for name in ("R1X_MLA_NO_SM90", "R1X_MLA_SIMT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in CUDA_PATHS.get(request.param, {}).items():
+        monkeypatch.setenv(name, value)
+    return "cpu" if request.param == "cpu" else "cuda"
+
+
 @pytest.fixture(params=MLA_ISAS)
 def cpu_isa(request, device):
     if device != "cpu" and request.param != MLA_ISAS[-1]:
@@ -181,6 +198,7 @@ DECODE_CASES = [
     ([300, 2, 129], 3, 5, 576, 512, 64),  # DeepSeek-V3's widths, MTP-style Sq = 3
     ([1], 2, 16, 24, 8, 64),              # Sq > L: the first query sees nothing
     ([65, 0, 1, 200], 2, 64, 576, 512, 64),  # Sq * H > 32: CUDA's wgmma decode path
+    ([4096, 7], 4, 9, 576, 512, 64),      # long context, small B: several KV splits (wgmma on CUDA)
     ([], 1, 2, 16, 8, 4),                 # B = 0
 ]
 

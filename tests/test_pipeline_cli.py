@@ -202,6 +202,24 @@ def torchrun(args, cwd, timeout=180):
     return stdout
 
 
+def test_world_uses_gloo_when_ranks_outnumber_gpus(monkeypatch):
+    """Two ranks on a one-GPU machine run on the CPU with gloo (NCCL with set_device(1) would fail
+    with "invalid device ordinal"); one GPU per rank keeps NCCL."""
+    from r1x.train.dist import World
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert not World.cuda_fits()
+    assert World(rank=1, world_size=2, local_rank=1, use_cuda=False).device == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert World.cuda_fits()
+    assert World(rank=1, world_size=2, local_rank=1, use_cuda=True).device == torch.device("cuda", 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not World.cuda_fits() and World().device == torch.device("cpu")
+
+
 @needs_gloo
 def test_ddp_sft_cli(tmp_path):
     out = tmp_path / "sft"

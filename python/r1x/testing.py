@@ -59,3 +59,48 @@ def assert_raises_naming(fn, *names) -> None:
             assert name in msg, f"error message does not name {name!r}: {msg}"
         return
     raise AssertionError(f"no error raised; expected one naming {names}")
+
+
+# ---- error bounds of the FP8 GEMMs, per device ------------------------------------------------
+# Every e4m3 x e4m3 product is exact in fp32 (4 + 4 significand bits, exponents well inside
+# fp32's range), so the only error of fp8_gemm against the exact result is how the products are
+# summed, bounded per element relative to S = sum_k |a_k scale_a| |b_k scale_b| (the sum of the
+# terms' magnitudes: cancellation can make the result itself tiny).
+#
+# CPU: fp32 sums of exact products inside each 128-wide K block, promoted with the two scales into
+#   an fp32 accumulator: at most K additions of relative error 2^-24 each, i.e. about 1.2e-7 * S
+#   for K = 2048 and 2e-6 * S for K = 16384; the tests use 2e-6.
+# CUDA (Hopper): the FP8 wgmma instruction (K = 32 per instruction) does not accumulate in fp32:
+#   the products and the running accumulator are aligned to the largest exponent among them and
+#   only about 13-14 significand bits are kept, the lower ones truncated (DeepSeek-V3 report,
+#   3.3.2; the reason DeepGEMM and r1x's CUTLASS mainloop promote to fp32 after every 128-wide
+#   K block, i.e. after 4 instructions). Taking 13 kept bits: one instruction truncates each of
+#   its 32 products by at most min(|p|, 2^-13 max|p|), at most 32 * 2^-13 max|p| <= 2^-8 of the
+#   sum of the magnitudes it adds (the worst case is one dominant product and 31 truncated
+#   ones); each of the 4 additions into the block accumulator loses at most 2^-13 of the block's
+#   magnitude sum, 2^-11 together. A block's result thus errs by at most (2^-8 + 2^-11) of its S,
+#   and the fp32 promotion across blocks adds the CPU term. Typical errors are far smaller
+#   (truncations of random data partly cancel), but this is the bound a correct kernel always
+#   meets; a wrong scale layout misses it by orders of magnitude on most elements (the tests'
+#   scales spread over 10^+-4, see test_fp8_gemm_one_scale_per_row_is_wrong).
+FP8_GEMM_EPS = {"cpu": 2e-6, "cuda": 2.0**-8 + 2.0**-11 + 2e-6}
+
+
+def fp8_gemm_error_bound(a, a_scale, b, b_scale, device, out_dtype=torch.float32) -> torch.Tensor:
+    """Per-element bound on ``|fp8_gemm(...) - exact|`` (float64, on the CPU) for the kernels of
+    ``device`` (``"cpu"`` or ``"cuda"``, see :data:`FP8_GEMM_EPS`), plus one rounding of the
+    output to ``out_dtype`` (bf16: 2^-8 of the exact value)."""
+    from r1x import reference as ref
+
+    a, a_scale, b, b_scale = (t.detach().cpu() for t in (a, a_scale, b, b_scale))
+    dev = torch.device(device).type
+    if dev not in FP8_GEMM_EPS:
+        raise ValueError(f"`device` must be cpu or cuda, got {device!r}")
+    absa, absb = a.float().abs().to(a.dtype), b.float().abs().to(b.dtype)
+    bound = FP8_GEMM_EPS[dev] * ref.fp8_gemm(absa, a_scale, absb, b_scale, out_dtype=torch.float64)
+    # rounding to the output type: at most half an ulp of the computed value, i.e. u (|exact| +
+    # the summation error), u = 2^-8 for bf16, 2^-11 for fp16
+    u = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}.get(out_dtype, 0.0)
+    if u:
+        bound = (1 + u) * bound + u * ref.fp8_gemm(a, a_scale, b, b_scale, out_dtype=torch.float64).abs()
+    return bound

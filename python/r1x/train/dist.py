@@ -1,7 +1,7 @@
 """Data parallelism for the trainers: ``torchrun --nproc_per_node N -m r1x.cli <stage> ...``.
 
 :class:`World` reads torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), starts
-the process group (gloo on the CPU, NCCL on GPUs), wraps the model in
+the process group (NCCL when every rank of the node has a GPU of its own, else gloo on the CPU), wraps the model in
 ``DistributedDataParallel`` and gives each rank its share of the prompts. A single process is a
 world of one: nothing is wrapped and the collectives return their input.
 """
@@ -22,18 +22,34 @@ class World:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    use_cuda: bool = dataclasses.field(default_factory=torch.cuda.is_available)
+
+    @staticmethod
+    def cuda_fits() -> bool:
+        """Whether every rank on this node can have a GPU of its own (NCCL, one device per rank).
+        With more ranks than visible GPUs (two processes on a one-GPU machine) every rank runs on
+        the CPU with gloo instead of failing with "invalid device ordinal"."""
+        if not torch.cuda.is_available():
+            return False
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+        return local <= torch.cuda.device_count()
 
     @classmethod
     def from_env(cls) -> "World":
         n = int(os.environ.get("WORLD_SIZE", "1"))
         if n <= 1:
             return cls()
-        if not tdist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            if backend == "nccl":
+        if tdist.is_initialized():
+            use_cuda = tdist.get_backend() == "nccl"
+        else:
+            use_cuda = cls.cuda_fits()
+            if use_cuda:
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            tdist.init_process_group(backend)
-        return cls(tdist.get_rank(), tdist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+            elif torch.cuda.is_available() and int(os.environ.get("RANK", "0")) == 0:
+                print(f"r1x: {os.environ.get('LOCAL_WORLD_SIZE', n)} ranks on this node but "
+                      f"{torch.cuda.device_count()} visible GPU(s): every rank runs on the CPU (gloo)", flush=True)
+            tdist.init_process_group("nccl" if use_cuda else "gloo")
+        return cls(tdist.get_rank(), tdist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), use_cuda)
 
     @property
     def is_main(self) -> bool:
@@ -45,9 +61,9 @@ class World:
 
     @property
     def device(self) -> torch.device:
-        if self.distributed and torch.cuda.is_available():
-            return torch.device("cuda", self.local_rank)
-        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        if not self.use_cuda:
+            return torch.device("cpu")
+        return torch.device("cuda", self.local_rank) if self.distributed else torch.device("cuda")
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """``DistributedDataParallel(model)`` in a world of many, else ``model``. Unused
