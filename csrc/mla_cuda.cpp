@@ -114,7 +114,9 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q, const at
   // Empty cache or table: nothing can be read, every sequence counts as empty (the kernels see
   // num_blocks == 0 and never touch these pointers).
   const bool readable = s.num_blocks > 0 && s.max_blocks > 0;
-  const at::Tensor kc = readable ? dense(kv_cache) : kv_cache;
+  // The cache is not re-aligned: a view at an odd storage offset (one layer of a larger cache)
+  // would otherwise be copied whole on every step; the kernels take element loads for it.
+  const at::Tensor kc = readable ? kv_cache.contiguous() : kv_cache;
   const at::Tensor tc = readable ? dense(block_table) : block_table;
   const int splits = cuda::mla_decode_num_splits(shape, dt);
   const Workspace ws = make_workspace(cuda::mla_decode_workspace_bytes(shape, splits), q);

@@ -84,18 +84,15 @@ __global__ void __launch_bounds__(kThreads, 1) attn_fwd_sm90(const FwdParams p) 
   load_v(0);
   cp_async_commit();
 
-  // Q rows 64 wg .. 64 wg + 63 start at 8-row group 8 wg; K-major operands: SBO = 1024 (8 rows),
-  // LBO unused. V is B of P V with n = its (contiguous) columns: MN-major, 64-column blocks
-  // kBN * 128 bytes apart (LBO), 8-key groups 1024 bytes apart (SBO).
-  const uint64_t desc_q = gmma_desc(sQ + wg * 8 * 1024, 16, 1024);
-  const uint64_t desc_k = gmma_desc(sK, 16, 1024);
-  const uint64_t desc_v = gmma_desc(sV, kBN * 128, 1024);
+  // S = Q K^T: A = this warpgroup's 64 rows of the Q tile, B = the whole K tile, both K-major.
+  // P V: B = the V tile with n = its (contiguous) columns, MN-major (mla_smem.h).
   auto issue_s = [&](float (&acc)[kBN / 2], int j) {
-    const uint64_t dk = desc_k + (j & 1) * (kStageK >> 4);
+    const unsigned char* k_stage = sK + (j & 1) * kStageK;
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kDqk / 16; ++kk) {
-      wgmma_ss<T, kBN>(acc, desc_q + kstep(kk, kBM), dk + kstep(kk, kBN), kk > 0);
+      wgmma_ss<T, kBN>(acc, smem::k_major_desc<kBM, kDqk, 64>(sQ, wg, kk),
+                       smem::k_major_desc<kBN, kDqk, kBN>(k_stage, 0, kk), kk > 0);
     }
     wgmma_commit();
   };
@@ -172,11 +169,11 @@ __global__ void __launch_bounds__(kThreads, 1) attn_fwd_sm90(const FwdParams p) 
         pa[kk][i] = pack2<T>(s_cur[8 * kk + 2 * i], s_cur[8 * kk + 2 * i + 1]);
       }
     }
-    const uint64_t dv = desc_v + (it & 1) * (kStageV >> 4);
+    const unsigned char* v_stage = sV + (it & 1) * kStageV;
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kBN / 16; ++kk) {
-      wgmma_rs<T, kDv>(o, pa[kk], dv + ((kk * 2 * 1024) >> 4), 1);
+      wgmma_rs<T, kDv>(o, pa[kk], smem::mn_major_desc<kBN, kDv, kDv>(v_stage, 0, kk), 1);
     }
     wgmma_commit();
     wgmma_wait<0>();

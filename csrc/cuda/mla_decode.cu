@@ -61,6 +61,7 @@ struct DecodeParams {
   int cap;  // tokens a sequence can hold (0: nothing can be read)
   int row_tiles, splits;
   bool causal;
+  bool vec;  // d % 8 == 0 and q, kv_cache 16-byte aligned: 16-byte cp.async row loads
   float scale_log2;
 };
 
@@ -191,7 +192,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_tc(const DecodeParams p) {
 
   const T* kv = static_cast<const T*>(p.kv);
   const T* qg = static_cast<const T*>(p.q) + (static_cast<int64_t>(b) * p.rows + m0) * p.d;
-  const bool vec = p.d % 8 == 0;
+  const bool vec = p.vec;
   const int ntiles = (rg.end - rg.begin + BN - 1) / BN;
   auto load_k = [&](int it) {
     const int t0 = rg.begin + it * BN;
@@ -399,12 +400,8 @@ __global__ void __launch_bounds__(kThreads, 1) decode_sm90(const DecodeParams p)
   cp_async_commit();
 
   // S: A = Q (64 rows), B = this warpgroup's 32 tokens (rows 32 wg of the K tile), K-major.
-  // P V: A = P (K-major, 64 tokens), B = V columns [256 wg, 256 wg + 256): MN-major, 64-column
-  // blocks BN * 128 bytes apart, 8-token groups 1024 bytes apart.
-  const uint64_t desc_q = gmma_desc(sQ, 16, 1024);
-  const uint64_t desc_k = gmma_desc(sK + wg * 4 * 1024, 16, 1024);
-  const uint64_t desc_p = gmma_desc(sP, 16, 1024);
-  const uint64_t desc_v = gmma_desc(sK + wg * 4 * BN * 128, BN * 128, 1024);
+  // P V: A = P (K-major, 64 tokens), B = V columns [256 wg, 256 wg + 256) of the K tile,
+  // MN-major (mla_smem.h; the first 512 of its 576 columns, laid out as a 512-column tile).
 
   int rloc[2], vis_end[2];
 #pragma unroll
@@ -423,13 +420,14 @@ __global__ void __launch_bounds__(kThreads, 1) decode_sm90(const DecodeParams p)
     __syncthreads();  // tile it landed; tile it - 1 (its P and V) is no longer read
     if (it + 1 < ntiles) load_k(it + 1);
     cp_async_commit();
-    const uint32_t stage = static_cast<uint32_t>((it & 1) * kStageK) >> 4;
+    const unsigned char* k_stage = sK + (it & 1) * kStageK;
 
     float s[16];
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
-      wgmma_ss<T, 32>(s, desc_q + kstep(kk, BM), desc_k + stage + kstep(kk, BN), kk > 0);
+      wgmma_ss<T, 32>(s, smem::k_major_desc<BM, D, BM>(sQ, 0, kk),
+                      smem::k_major_desc<BN, D, 32>(k_stage, wg, kk), kk > 0);
     }
     wgmma_commit();
     wgmma_wait<0>();
@@ -468,8 +466,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_sm90(const DecodeParams p)
         const float p1 = exp2f(s[4 * nt + 2 * half + 1] - m_use[half]);
         rs[half] += p0 + p1;
         const int r = rloc[half], kc = wg * 4 + nt;  // 16-byte chunk of the token pair
-        *reinterpret_cast<uint32_t*>(sP + (r >> 3) * 1024 + (r & 7) * 128 +
-                                     ((kc ^ (r & 7)) << 4) + c * 4) = pack2<T>(p0, p1);
+        *reinterpret_cast<uint32_t*>(sP + sw128_offset(BM, r, kc) + c * 4) = pack2<T>(p0, p1);
       }
     }
 #pragma unroll
@@ -482,7 +479,8 @@ __global__ void __launch_bounds__(kThreads, 1) decode_sm90(const DecodeParams p)
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) {
-      wgmma_sst<T, 256>(o, desc_p + ((kk * 32) >> 4), desc_v + stage + ((kk * 2 * 1024) >> 4), 1);
+      wgmma_sst<T, 256>(o, smem::k_major_desc<BM, BN, BM>(sP, 0, kk),
+                        smem::mn_major_desc<BN, kWgDv, 256>(k_stage, wg, kk), 1);
     }
     wgmma_commit();
     wgmma_wait<0>();
@@ -712,11 +710,13 @@ bool valid_shape(const MlaDecodeShape& s) {
          s.num_blocks <= INT_MAX && s.sq * s.heads <= INT_MAX / 2 && s.batch <= INT_MAX;
 }
 
-Plan make_plan(const MlaDecodeShape& s, DType dtype) {
+// `aligned`: q and kv_cache 16-byte aligned (a cache view at an odd storage offset is not; it
+// then takes the mma.sync kernel with element loads instead of being copied).
+Plan make_plan(const MlaDecodeShape& s, DType dtype, bool aligned = true) {
   const int64_t rows = s.sq * s.heads;
   Plan pl{};
   pl.tc = dtype != DType::kFloat32 && s.d <= kTcMaxD && s.dv <= kTcMaxDv && !force_simt();
-  pl.sm90 = pl.tc && sm90_takes(s) && !force_mma_sync();
+  pl.sm90 = pl.tc && aligned && sm90_takes(s) && !force_mma_sync();
   if (pl.sm90) {
     pl.bm = kWgBM;
     pl.bn = kWgBN;
@@ -831,7 +831,9 @@ cudaError_t mla_decode(const void* q, const void* kv_cache, DType dtype,
   if (!valid_shape(s) || num_splits < 1 || num_splits > kMaxSplits) return cudaErrorInvalidValue;
   const size_t ws = mla_decode_workspace_bytes(s, num_splits);
   if (ws > 0 && (workspace == nullptr || workspace_bytes < ws)) return cudaErrorInvalidValue;
-  const Plan pl = make_plan(s, dtype);
+  const bool aligned = reinterpret_cast<uintptr_t>(q) % 16 == 0 &&
+                       reinterpret_cast<uintptr_t>(kv_cache) % 16 == 0;
+  const Plan pl = make_plan(s, dtype, aligned);
   const int64_t rows = s.sq * s.heads;
   const int64_t row_tiles = (rows + pl.bm - 1) / pl.bm;
   if (s.batch * row_tiles > INT_MAX || pl.chunks > 65535) return cudaErrorInvalidValue;
@@ -867,6 +869,7 @@ cudaError_t mla_decode(const void* q, const void* kv_cache, DType dtype,
   p.row_tiles = static_cast<int>(row_tiles);
   p.splits = num_splits;
   p.causal = causal;
+  p.vec = aligned && s.d % 8 == 0;
   p.scale_log2 = scale * kLog2e;
   switch (dtype) {
     case DType::kFloat32: return run<float>(p, pl, stream);

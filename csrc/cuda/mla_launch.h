@@ -89,7 +89,8 @@ struct MlaDecodeShape {
 // never cache_seqlens), and the workspace, mla_decode_workspace_bytes(shape, num_splits) bytes,
 // must be 256-byte aligned. Any block_size >= 1, any d and dv; bf16/fp16 with d <= 576 and
 // dv <= 512 run tensor cores (wgmma when sq * heads > 32, d in (384, 576] and dv in (256, 512],
-// both multiples of 8; mma.sync otherwise), the rest CUDA cores. Requirements: batch, sq, heads,
+// both multiples of 8, q and kv_cache 16-byte aligned; mma.sync otherwise, with 16-byte row
+// copies only when d % 8 == 0 and both are aligned), the rest CUDA cores. Requirements: batch, sq, heads,
 // d, block_size >= 1, 1 <= dv <= d, 1 <= num_splits <= 64.
 int mla_decode_num_splits(const MlaDecodeShape& shape, DType dtype);
 size_t mla_decode_workspace_bytes(const MlaDecodeShape& shape, int num_splits);
