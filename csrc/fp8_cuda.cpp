@@ -75,11 +75,10 @@ at::Tensor fp8_gemm_cuda(const at::Tensor& a, const at::Tensor& a_scale, const a
   const int64_t ldo = ceil_div(n * esize, 16) * 16 / esize;
   at::Tensor out = at::empty({m, ldo}, a.options().dtype(odt));
   const cuda::DType cdt = odt == at::kFloat ? cuda::DType::kFloat32 : cuda::DType::kBFloat16;
-  const size_t ws_bytes = cuda::fp8_gemm_workspace_bytes(m, n, k, cdt);
-  at::Tensor ws = at::empty({static_cast<int64_t>(ws_bytes) + 256}, a.options().dtype(at::kByte));
+  const Workspace ws = make_workspace(cuda::fp8_gemm_workspace_bytes(m, n, k, cdt), a);
   check_launch(cuda::fp8_gemm(static_cast<const uint8_t*>(ac.data_ptr()), asc.data_ptr<float>(),
                               static_cast<const uint8_t*>(bc.data_ptr()), bsc.data_ptr<float>(),
-                              out.data_ptr(), cdt, m, n, k, ldo, ws.data_ptr(), ws_bytes,
+                              out.data_ptr(), cdt, m, n, k, ldo, ws.ptr, ws.bytes,
                               c10::cuda::getCurrentCUDAStream()),
                "fp8_gemm");
   return ldo == n ? out : out.narrow(1, 0, n).contiguous();
