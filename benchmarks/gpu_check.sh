@@ -146,7 +146,8 @@ if [ $DRY = 1 ]; then
   "$PY" -c "import r1x" >/dev/null 2>&1 && BUILT=1
 elif [ $CAN_BUILD = 1 ]; then
   run_step build 330 "$LOGS/build.log" env CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" R1X_CUDA=ON \
-    R1X_PTXAS_VERBOSE=ON "$PY" -m pip install -v --no-build-isolation --no-deps -e . -Cbuild.tool-args=-k0
+    R1X_PTXAS_VERBOSE=ON "$PY" -m pip install -v --no-build-isolation --no-deps -e . -Cbuild.tool-args=-k0 \
+    -Cbuild-dir=build/gpu-check-{wheel_tag}
   say "- build: $STEP_STATUS, ${STEP_SECONDS:-0} s"
   if [ "$STEP_STATUS" = ok ]; then
     BUILT=1
