@@ -203,19 +203,16 @@ __device__ __forceinline__ void atom_rs(float (&d)[R], const uint32_t (&a)[4], u
 
 // d (+)= A B^T, m64nNk16; scale_d == 0 overwrites d. ss: A and B K-major in shared memory;
 // sst: the same with B MN-major (B's n contiguous); rs: A in registers, B MN-major.
-template <typename T, int N>
+template <typename T, int N, gmma::Major kMajorB = gmma::Major::K>
 __device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], uint64_t da, uint64_t db, int scale_d) {
-  using Atom = typename SsAtom<T, N, gmma::Major::K>::type;
+  using Atom = typename SsAtom<T, N, kMajorB>::type;
   static_assert(sizeof(typename Atom::CRegisters) == sizeof(d), "accumulator count");
   atom_ss<Atom>(d, da, db, scale_d ? gmma::ScaleOut::One : gmma::ScaleOut::Zero,
                 std::make_index_sequence<N / 2>{});
 }
 template <typename T, int N>
 __device__ __forceinline__ void wgmma_sst(float (&d)[N / 2], uint64_t da, uint64_t db, int scale_d) {
-  using Atom = typename SsAtom<T, N, gmma::Major::MN>::type;
-  static_assert(sizeof(typename Atom::CRegisters) == sizeof(d), "accumulator count");
-  atom_ss<Atom>(d, da, db, scale_d ? gmma::ScaleOut::One : gmma::ScaleOut::Zero,
-                std::make_index_sequence<N / 2>{});
+  wgmma_ss<T, N, gmma::Major::MN>(d, da, db, scale_d);
 }
 template <typename T, int N>
 __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t db,
