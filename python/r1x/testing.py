@@ -104,3 +104,16 @@ def fp8_gemm_error_bound(a, a_scale, b, b_scale, device, out_dtype=torch.float32
     if u:
         bound = (1 + u) * bound + u * ref.fp8_gemm(a, a_scale, b, b_scale, out_dtype=torch.float64).abs()
     return bound
+
+
+def fp8_grouped_gemm_error_bound(a, a_scale, b, b_scale, offs, device, out_dtype=torch.float32) -> torch.Tensor:
+    """:func:`fp8_gemm_error_bound` of each group of :func:`r1x.fp8_grouped_gemm` (rows past the
+    last offset: bound 0, the op writes zeros there)."""
+    from r1x import reference as ref
+
+    a, a_scale, b, b_scale = (t.detach().cpu() for t in (a, a_scale, b, b_scale))
+    bound = torch.zeros(a.shape[0], b.shape[1], dtype=torch.float64)
+    for g, (lo, hi) in enumerate(ref._group_bounds(offs.cpu())):
+        if hi > lo:
+            bound[lo:hi] = fp8_gemm_error_bound(a[lo:hi], a_scale[lo:hi], b[g], b_scale[g], device, out_dtype)
+    return bound

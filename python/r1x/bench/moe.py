@@ -78,7 +78,6 @@ def default_plan(device: torch.device, full: bool = False) -> dict:
         "fwd+bwd": [(name, t) for name in LAYERS for t in BWD_T],
         "fp8": [("small", t) for t in FP8_T] + [("v2-lite", t) for t in FP8_T],
         "breakdown": [("small", BREAKDOWN_T)] + ([] if cpu else [("v2-lite", BREAKDOWN_T)]),
-        "grouped_gemm": True,
     }
 
 
@@ -461,7 +460,7 @@ def run(device: str = "cpu", full: bool = False, out_dir: str | None = None, bud
                 add(bench_fp8(layer, layer8, name, t, dev, timer, gen))
             del layer8
         del layer
-    if plan["grouped_gemm"] and layers is None and tokens is None:
+    if layers is None and tokens is None:
         if dev.type == "cuda":
             add(bench_grouped_gemm(dev, timer, gen))
         else:
