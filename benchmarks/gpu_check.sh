@@ -178,13 +178,32 @@ fi
 say ""
 say "## smoke (one small case per op, against r1x.reference in float64)"
 if [ $BUILT = 1 ]; then
-  for fam in fp8 moe mla; do
+  # "errors" first: error paths (torch's and r1x's, host and device); if raising an error
+  # crashes the process, every test file that checks bad input will crash too
+  for fam in errors fp8 moe mla; do
     run_step "smoke $fam" 40 "$LOGS/smoke_$fam.log" env CUDA_LAUNCH_BLOCKING=1 \
       "$PY" benchmarks/gpu_smoke.py --family "$fam" --device "$DEV"
     npass=$(grep -c "^PASS" "$LOGS/smoke_$fam.log")
     say "- $fam: $STEP_STATUS, $npass passed"
-    grep -E "^(FAIL|ERROR)" "$LOGS/smoke_$fam.log" | head -20 | cut -c1-200 | sed 's/^/  - /' | tee -a "$SUMMARY"
+    grep -E "^(FAIL|ERROR|# C\+\+ runtimes)" "$LOGS/smoke_$fam.log" | head -20 | cut -c1-240 | sed 's/^/  - /' | tee -a "$SUMMARY"
     case $STEP_STATUS in CRASH* | TIMEOUT*) tail -5 "$LOGS/smoke_$fam.log" | cut -c1-200 | sed 's/^/    /' | tee -a "$SUMMARY" ;; esac
+    if [ "$fam" = errors ] && [[ $STEP_STATUS == CRASH* ]]; then
+      # a native backtrace, and which libraries the C++ runtime symbols were bound to
+      if command -v cuda-gdb >/dev/null; then
+        run_step "errors under cuda-gdb" 60 "$LOGS/errors_gdb.log" cuda-gdb -batch -ex run -ex bt \
+          -ex "info sharedlibrary" --args "$PY" benchmarks/gpu_smoke.py --family errors --device "$DEV"
+        say "  - native backtrace ($STEP_STATUS):"
+        grep -E "^#[0-9]+ " "$LOGS/errors_gdb.log" | head -16 | cut -c1-200 | sed 's/^/    /' | tee -a "$SUMMARY"
+      fi
+      mkdir -p "$LOGS/ld"
+      run_step "errors with LD_DEBUG" 40 "$LOGS/errors_ld.log" env LD_DEBUG=bindings \
+        LD_DEBUG_OUTPUT="$LOGS/ld/b" "$PY" benchmarks/gpu_smoke.py --family errors --device "$DEV"
+      say "  - bindings of std::ostream::_M_insert (the stream's number output):"
+      cat "$LOGS"/ld/b.* 2>/dev/null | grep -E "_ZNSo9_M_insertI" | grep -E "_C\.|libc10\.so" |
+        sed -E 's/^ *[0-9]+: *//' | sort -u | head -8 | cut -c1-240 | sed 's/^/    /' | tee -a "$SUMMARY"
+      cat "$LOGS"/ld/b.* 2>/dev/null | grep -E "_ZNSo9_M_insertI" | gzip >"$LOGS/ld_insert.txt.gz"
+      rm -rf "$LOGS/ld"
+    fi
   done
 else
   say "- skipped (no build)"

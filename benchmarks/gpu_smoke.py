@@ -1,6 +1,6 @@
 """One small case of every op of one family on a device, against r1x.reference in float64.
 
-    python benchmarks/gpu_smoke.py --family fp8|moe|mla [--device cuda] [--small]
+    python benchmarks/gpu_smoke.py --family fp8|moe|mla|errors [--device cuda] [--small]
 
 Prints one line per case, ``PASS``/``FAIL``/``ERROR``, its largest error over its bound and the
 time it took, and exits 1 when any case did not pass. A crash (a sticky CUDA error, a fault)
@@ -227,7 +227,44 @@ def mla_family(s: Smoke) -> None:
         s.case(f"mla_decode {str(dt)[6:]} Sq={sq} L={seqlens}", decode)
 
 
-FAMILIES = {"fp8": fp8_family, "moe": moe_family, "mla": mla_family}
+def errors_family(s: Smoke) -> None:
+    """Error paths, in an order that tells causes apart when one crashes the process (the first
+    GPU run crashed with SIGSEGV in every r1x error message that printed a number): torch's own
+    and r1x's errors on the CPU before the device is touched, then the same after, then r1x's
+    on the device. Each case passes when the expected exception arrives with its message."""
+
+    def expect(fn, *needles):
+        def run():
+            try:
+                fn()
+            except (ValueError, TypeError, RuntimeError, IndexError) as e:
+                missing = [n for n in needles if n not in str(e)]
+                if missing:
+                    raise AssertionError(f"message lacks {missing}: {e}") from e
+                return 0.0, f"{type(e).__name__}: {str(e)[:60]}"
+            raise AssertionError("no exception")
+
+        return run
+
+    x = torch.randn(4, 256, generator=s.gen)
+    s.case("torch error with a number, host", expect(lambda: x.view(3, 5), "[3, 5]"))
+    s.case("r1x error with text only, host", expect(lambda: r1x.quant_fp8_per_token_group(x.int()), "`x`"))
+    s.case("r1x error with a number, host", expect(lambda: r1x.quant_fp8_per_token_group(x[:, :200]), "200"))
+    if s.device != "cpu":
+        xd = x.to(s.device)
+        torch.cuda.synchronize()
+        with open("/proc/self/maps") as f:  # which C++ runtimes the process holds once CUDA is up
+            libs = sorted({line.split()[-1] for line in f if "stdc++" in line or "libc++" in line})
+        print(f"# C++ runtimes mapped after CUDA init: {' '.join(libs) or 'none'}", flush=True)
+        s.case("torch error with a number, host, after init", expect(lambda: x.view(3, 5), "[3, 5]"))
+        s.case("r1x error with a number, host, after init", expect(lambda: r1x.quant_fp8_per_token_group(x[:, :200]), "200"))
+        s.case("torch error with a number, device", expect(lambda: xd.view(3, 5), "[3, 5]"))
+        s.case("r1x error with text only, device", expect(lambda: r1x.quant_fp8_per_token_group(xd.int()), "`x`"))
+        s.case("r1x error with a number, device", expect(lambda: r1x.quant_fp8_per_token_group(xd[:, :200]), "200"))
+        s.case("r1x error with a shape, device", expect(lambda: r1x.moe_topk_route(xd[0], 2), "[256]"))
+
+
+FAMILIES = {"fp8": fp8_family, "moe": moe_family, "mla": mla_family, "errors": errors_family}
 
 
 def main(argv=None) -> int:

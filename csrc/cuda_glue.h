@@ -3,10 +3,10 @@
 #pragma once
 
 #include <ATen/ATen.h>
-#include <c10/util/Exception.h>
 
 #include <cstdint>
 
+#include "check.h"
 #include "cuda/launch.h"
 
 namespace r1x {
@@ -20,7 +20,7 @@ inline cuda::DType cuda_dtype(at::ScalarType t) {
 }
 
 inline void check_launch(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel failed: ", cudaGetErrorString(err));
+  R1X_CHECK(err == cudaSuccess, op, ": CUDA kernel failed: ", cudaGetErrorString(err));
 }
 
 // Contiguous, with a 16-byte-aligned data pointer (vector loads and TMA need it).

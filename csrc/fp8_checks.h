@@ -3,10 +3,11 @@
 #pragma once
 
 #include <ATen/ATen.h>
-#include <c10/util/Exception.h>
 
 #include <optional>
 #include <vector>
+
+#include "check.h"
 
 namespace r1x {
 
@@ -16,23 +17,23 @@ inline void check_dtype(const char* op, const char* arg, const at::Tensor& t,
                         std::initializer_list<at::ScalarType> allowed, const char* expected) {
   bool ok = false;
   for (auto d : allowed) ok = ok || t.scalar_type() == d;
-  TORCH_CHECK_TYPE(ok, op, ": `", arg, "` must be ", expected, ", got ", t.scalar_type());
+  R1X_CHECK_TYPE(ok, op, ": `", arg, "` must be ", expected, ", got ", t.scalar_type());
 }
 
 inline void check_dim(const char* op, const char* arg, const at::Tensor& t, int64_t dim) {
-  TORCH_CHECK_VALUE(t.dim() == dim, op, ": `", arg, "` must be ", dim, "-D, got shape ",
+  R1X_CHECK_VALUE(t.dim() == dim, op, ": `", arg, "` must be ", dim, "-D, got shape ",
                     t.sizes());
 }
 
 inline void check_same_device(const char* op, const char* arg, const at::Tensor& t,
                               const char* ref_arg, const at::Tensor& ref) {
-  TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": `", arg, "` is on ", t.device(), " but `",
+  R1X_CHECK_VALUE(t.device() == ref.device(), op, ": `", arg, "` is on ", t.device(), " but `",
                     ref_arg, "` is on ", ref.device(), "; all tensors must be on one device");
 }
 
 inline void check_shape(const char* op, const char* arg, const at::Tensor& t,
                         at::IntArrayRef expected, const char* why) {
-  TORCH_CHECK_VALUE(t.sizes() == expected, op, ": `", arg, "` must have shape ", expected, " (",
+  R1X_CHECK_VALUE(t.sizes() == expected, op, ": `", arg, "` must have shape ", expected, " (",
                     why, "), got ", t.sizes());
 }
 
@@ -44,9 +45,9 @@ inline void check_float_input(const char* op, const char* arg, const at::Tensor&
 inline std::vector<int64_t> check_quant_per_token_group(const at::Tensor& x, int64_t group_size) {
   constexpr const char* op = "quant_fp8_per_token_group";
   check_float_input(op, "x", x);
-  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": `x` must have at least 1 dimension, got a scalar");
-  TORCH_CHECK_VALUE(group_size > 0, op, ": `group_size` must be positive, got ", group_size);
-  TORCH_CHECK_VALUE(x.size(-1) % group_size == 0, op, ": the last dimension of `x` (", x.size(-1),
+  R1X_CHECK_VALUE(x.dim() >= 1, op, ": `x` must have at least 1 dimension, got a scalar");
+  R1X_CHECK_VALUE(group_size > 0, op, ": `group_size` must be positive, got ", group_size);
+  R1X_CHECK_VALUE(x.size(-1) % group_size == 0, op, ": the last dimension of `x` (", x.size(-1),
                     ") must be a multiple of `group_size` (", group_size, ")");
   std::vector<int64_t> s(x.sizes().begin(), x.sizes().end());
   s.back() = x.size(-1) / group_size;
@@ -57,7 +58,7 @@ inline std::vector<int64_t> check_quant_per_block(const at::Tensor& w, int64_t b
   constexpr const char* op = "quant_fp8_per_block";
   check_float_input(op, "w", w);
   check_dim(op, "w", w, 2);
-  TORCH_CHECK_VALUE(block_size > 0, op, ": `block_size` must be positive, got ", block_size);
+  R1X_CHECK_VALUE(block_size > 0, op, ": `block_size` must be positive, got ", block_size);
   return {ceil_div(w.size(0), block_size), ceil_div(w.size(1), block_size)};
 }
 
@@ -66,8 +67,8 @@ inline void check_dequant(const at::Tensor& q, const at::Tensor& scale, at::IntA
   check_dtype(op, "q", q, {at::kFloat8_e4m3fn}, "float8_e4m3fn");
   check_dtype(op, "scale", scale, {at::kFloat}, "float32");
   check_same_device(op, "scale", scale, "q", q);
-  TORCH_CHECK_VALUE(q.dim() >= 1, op, ": `q` must have at least 1 dimension, got a scalar");
-  TORCH_CHECK_VALUE(block.size() == 2 && block[0] >= 1 && block[1] >= 1, op,
+  R1X_CHECK_VALUE(q.dim() >= 1, op, ": `q` must have at least 1 dimension, got a scalar");
+  R1X_CHECK_VALUE(block.size() == 2 && block[0] >= 1 && block[1] >= 1, op,
                     ": `block` must be two positive sizes (rows, cols), got ", block);
   std::vector<int64_t> expected(q.sizes().begin(), q.sizes().end());
   expected.back() = ceil_div(q.size(-1), block[1]);
@@ -79,7 +80,7 @@ inline void check_dequant(const at::Tensor& q, const at::Tensor& scale, at::IntA
 inline at::ScalarType gemm_out_dtype(std::optional<at::ScalarType> out_dtype,
                                      const char* op = "fp8_gemm") {
   const at::ScalarType d = out_dtype.value_or(at::kBFloat16);
-  TORCH_CHECK_VALUE(d == at::kBFloat16 || d == at::kFloat, op,
+  R1X_CHECK_VALUE(d == at::kBFloat16 || d == at::kFloat, op,
                     ": `out_dtype` must be torch.bfloat16 or torch.float32, got ", d);
   return d;
 }
@@ -100,9 +101,9 @@ inline int64_t check_fp8_gemm_operands(const char* op, const at::Tensor& a,
   check_same_device(op, "b", b, "a", a);
   check_same_device(op, "b_scale", b_scale, "a", a);
   const int64_t k = a.size(1);
-  TORCH_CHECK_VALUE(b.size(-1) == k, op, ": `b` must be ", b_layout, " with the K of `a` (", k,
+  R1X_CHECK_VALUE(b.size(-1) == k, op, ": `b` must be ", b_layout, " with the K of `a` (", k,
                     "), got shape ", b.sizes());
-  TORCH_CHECK_VALUE(k % 128 == 0, op, ": K (the last dimension of `a` and `b`) must be a multiple "
+  R1X_CHECK_VALUE(k % 128 == 0, op, ": K (the last dimension of `a` and `b`) must be a multiple "
                     "of 128, got ", k);
   check_shape(op, "a_scale", a_scale, {a.size(0), k / 128}, "[M, K/128]: one scale per 1x128 group");
   return k;

@@ -23,12 +23,12 @@ cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream(); }
 
 void check_attention_limits(const char* op, const AttentionShape& s) {
   const int64_t max_d = cuda::mla_attention_max_head_dim();
-  TORCH_CHECK_VALUE(s.dqk <= max_d && s.dv <= max_d, op, ": the CUDA kernels take head dims up to ",
+  R1X_CHECK_VALUE(s.dqk <= max_d && s.dv <= max_d, op, ": the CUDA kernels take head dims up to ",
                     max_d, ", got Dqk = ", s.dqk, " and Dv = ", s.dv);
-  TORCH_CHECK_VALUE(s.h <= cuda::mla_attention_max_heads(), op,
+  R1X_CHECK_VALUE(s.h <= cuda::mla_attention_max_heads(), op,
                     ": the CUDA kernels take at most ", cuda::mla_attention_max_heads(),
                     " heads, got H = ", s.h);
-  TORCH_CHECK_VALUE(s.batch < INT_MAX, op, ": `cu_seqlens` is too long (", s.batch + 1, ")");
+  R1X_CHECK_VALUE(s.batch < INT_MAX, op, ": `cu_seqlens` is too long (", s.batch + 1, ")");
 }
 
 std::tuple<at::Tensor, at::Tensor> mla_attention_forward_cuda(
@@ -95,7 +95,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q, const at
   at::Tensor out = at::empty({s.batch, s.sq, s.h, s.dv}, q.options());
   at::Tensor lse = at::empty({s.batch, s.h, s.sq}, q.options().dtype(at::kFloat));
   if (s.batch == 0) return {out, lse};
-  TORCH_CHECK_VALUE(s.sq * s.h <= INT_MAX / 2 && s.d < INT_MAX / 2 && s.block_size <= INT_MAX &&
+  R1X_CHECK_VALUE(s.sq * s.h <= INT_MAX / 2 && s.d < INT_MAX / 2 && s.block_size <= INT_MAX &&
                         s.max_blocks <= INT_MAX && s.num_blocks <= INT_MAX && s.batch <= INT_MAX,
                     op, ": the problem is too large for the kernels' 32-bit sizes, got q ",
                     q.sizes(), ", kv_cache ", kv_cache.sizes(), " and block_table ",

@@ -39,7 +39,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_dispatch_cpu(const at::Tensor
                                                                 int64_t num_experts) {
   check_moe_dispatch(x, ids, num_experts);
   const int64_t t = x.size(0), k = ids.size(1), rows = t * k;
-  TORCH_CHECK_VALUE(rows <= INT_MAX, "moe_dispatch: T * top_k must fit in int32 (`perm` is int32), got ",
+  R1X_CHECK_VALUE(rows <= INT_MAX, "moe_dispatch: T * top_k must fit in int32 (`perm` is int32), got ",
                     rows);
   const at::Tensor ic = ids.contiguous();
   at::Tensor offs = at::empty({num_experts}, ids.options().dtype(at::kInt));
@@ -47,7 +47,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_dispatch_cpu(const at::Tensor
   const int64_t bad = cpu::moe_dispatch_index(ic.data_ptr(), ic.scalar_type() == at::kLong, t, k,
                                               num_experts, offs.data_ptr<int32_t>(),
                                               perm.data_ptr<int32_t>());
-  TORCH_CHECK_VALUE(bad < 0, "moe_dispatch: `ids` must be expert indices in [0, num_experts = ",
+  R1X_CHECK_VALUE(bad < 0, "moe_dispatch: `ids` must be expert indices in [0, num_experts = ",
                     num_experts, "), got ", bad < 0 ? 0 : ic.reshape(-1)[bad].item<int64_t>(),
                     " at token ", bad < 0 ? 0 : bad / k, ", slot ", bad < 0 ? 0 : bad % k);
   at::Tensor out = at::empty({rows, x.size(1)}, x.options());
@@ -73,7 +73,7 @@ at::Tensor moe_combine_cpu(const at::Tensor& y_sorted, const at::Tensor& weights
     const int64_t bad = cpu::moe_combine(yc.data_ptr(), cpu_dtype(yc.scalar_type()), wc.data_ptr(),
                                          cpu_dtype(wc.scalar_type()), pc.data_ptr<int32_t>(),
                                          num_tokens, k, h, out.data_ptr());
-    TORCH_CHECK_VALUE(bad < 0, "moe_combine: `perm` must be a permutation of [0, num_tokens * top_k = ",
+    R1X_CHECK_VALUE(bad < 0, "moe_combine: `perm` must be a permutation of [0, num_tokens * top_k = ",
                       num_tokens * k, ") (as moe_dispatch returns it); entry ", bad, " is ",
                       bad < 0 ? 0 : pc[bad].item<int64_t>(), " (out of range or repeated)");
   }
@@ -97,7 +97,7 @@ std::tuple<at::Tensor, at::Tensor> moe_combine_backward_cpu(const at::Tensor& gr
                                                   wc.data_ptr(), cpu_dtype(wc.scalar_type()),
                                                   pc.data_ptr<int32_t>(), t, k, h, grad_y.data_ptr(),
                                                   grad_w.data_ptr<float>());
-    TORCH_CHECK_VALUE(bad < 0, "moe_combine_backward: `perm` must be a permutation of [0, ", t * k,
+    R1X_CHECK_VALUE(bad < 0, "moe_combine_backward: `perm` must be a permutation of [0, ", t * k,
                       "); entry ", bad, " is out of range or repeated");
   }
   return {half ? grad_y.to(at::kHalf) : grad_y, grad_w.to(weights.scalar_type())};

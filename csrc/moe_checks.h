@@ -27,7 +27,7 @@ inline void check_offs_values(const char* op, const int32_t* offs, int64_t num_g
                               int64_t rows) {
   int64_t prev = 0;
   for (int64_t e = 0; e < num_groups; ++e) {
-    TORCH_CHECK_VALUE(offs[e] >= prev && offs[e] <= rows, op,
+    R1X_CHECK_VALUE(offs[e] >= prev && offs[e] <= rows, op,
                       ": `offs` must be nondecreasing cumulative end offsets within [0, ", rows,
                       "] (the rows of `a`), got offs[", e, "] = ", offs[e],
                       e > 0 ? " after offs[" + std::to_string(e - 1) + "] = " + std::to_string(prev)
@@ -48,16 +48,16 @@ inline RouteParams check_moe_topk_route(const at::Tensor& logits, int64_t top_k,
   check_float_input(op, "logits", logits);
   check_dim(op, "logits", logits, 2);
   const int64_t e = logits.size(1);
-  TORCH_CHECK_VALUE(e >= 1, op, ": `logits` must have at least one expert column, got shape ",
+  R1X_CHECK_VALUE(e >= 1, op, ": `logits` must have at least one expert column, got shape ",
                     logits.sizes());
-  TORCH_CHECK_VALUE(score_func == "sigmoid" || score_func == "softmax", op,
+  R1X_CHECK_VALUE(score_func == "sigmoid" || score_func == "softmax", op,
                     ": `score_func` must be \"sigmoid\" or \"softmax\", got \"", score_func, "\"");
-  TORCH_CHECK_VALUE(n_group >= 1 && e % n_group == 0, op, ": `n_group` (", n_group,
+  R1X_CHECK_VALUE(n_group >= 1 && e % n_group == 0, op, ": `n_group` (", n_group,
                     ") must be positive and divide the number of experts (", e, ")");
-  TORCH_CHECK_VALUE(topk_group >= 1 && topk_group <= n_group, op, ": `topk_group` must be in [1, ",
+  R1X_CHECK_VALUE(topk_group >= 1 && topk_group <= n_group, op, ": `topk_group` must be in [1, ",
                     "n_group = ", n_group, "], got ", topk_group);
   const int64_t eligible = topk_group * (e / n_group);
-  TORCH_CHECK_VALUE(top_k >= 1 && top_k <= eligible, op, ": `top_k` must be in [1, ", eligible,
+  R1X_CHECK_VALUE(top_k >= 1 && top_k <= eligible, op, ": `top_k` must be in [1, ", eligible,
                     "] (the experts of the `topk_group` best groups), got ", top_k);
   if (bias.has_value()) {
     check_float_input(op, "bias", *bias);
@@ -75,9 +75,9 @@ inline void check_moe_dispatch(const at::Tensor& x, const at::Tensor& ids, int64
   check_index_dtype(op, "ids", ids);
   check_dim(op, "ids", ids, 2);
   check_same_device(op, "ids", ids, "x", x);
-  TORCH_CHECK_VALUE(ids.size(0) == x.size(0), op, ": `ids` must be [T, top_k] with the T of `x` (",
+  R1X_CHECK_VALUE(ids.size(0) == x.size(0), op, ": `ids` must be [T, top_k] with the T of `x` (",
                     x.size(0), "), got shape ", ids.sizes());
-  TORCH_CHECK_VALUE(num_experts >= 1, op, ": `num_experts` must be positive, got ", num_experts);
+  R1X_CHECK_VALUE(num_experts >= 1, op, ": `num_experts` must be positive, got ", num_experts);
 }
 
 inline void check_moe_combine(const at::Tensor& y, const at::Tensor& weights,
@@ -90,13 +90,13 @@ inline void check_moe_combine(const at::Tensor& y, const at::Tensor& weights,
   check_dim(op, "weights", weights, 2);
   check_same_device(op, "weights", weights, "y_sorted", y);
   check_same_device(op, "perm", perm, "y_sorted", y);
-  TORCH_CHECK_VALUE(num_tokens >= 0, op, ": `num_tokens` must be >= 0, got ", num_tokens);
-  TORCH_CHECK_VALUE(weights.size(0) == num_tokens, op,
+  R1X_CHECK_VALUE(num_tokens >= 0, op, ": `num_tokens` must be >= 0, got ", num_tokens);
+  R1X_CHECK_VALUE(weights.size(0) == num_tokens, op,
                     ": `weights` must be [num_tokens, top_k] with num_tokens = ", num_tokens,
                     ", got shape ", weights.sizes());
   const int64_t rows = num_tokens * weights.size(1);
   check_shape(op, "perm", perm, {rows}, "one entry per (token, slot)");
-  TORCH_CHECK_VALUE(y.size(0) == rows, op, ": `y_sorted` must have num_tokens * top_k = ", rows,
+  R1X_CHECK_VALUE(y.size(0) == rows, op, ": `y_sorted` must have num_tokens * top_k = ", rows,
                     " rows, got shape ", y.sizes());
 }
 
@@ -104,7 +104,7 @@ inline void check_moe_combine_backward(const at::Tensor& grad_out, const at::Ten
                                        const at::Tensor& weights, const at::Tensor& perm) {
   constexpr const char* op = "moe_combine_backward";
   check_moe_combine(y, weights, perm, weights.dim() == 2 ? weights.size(0) : 0);
-  TORCH_CHECK_TYPE(grad_out.scalar_type() == y.scalar_type(), op,
+  R1X_CHECK_TYPE(grad_out.scalar_type() == y.scalar_type(), op,
                    ": `grad_out` must have the dtype of `y_sorted` (", y.scalar_type(), "), got ",
                    grad_out.scalar_type());
   check_same_device(op, "grad_out", grad_out, "y_sorted", y);
@@ -116,10 +116,10 @@ inline void check_grouped_gemm(const at::Tensor& a, const at::Tensor& b, const a
   check_dtype(op, "a", a, {at::kFloat, at::kBFloat16}, "float32 or bfloat16");
   check_dim(op, "a", a, 2);
   check_dim(op, "b", b, 3);
-  TORCH_CHECK_TYPE(b.scalar_type() == a.scalar_type(), op, ": `b` must have the dtype of `a` (",
+  R1X_CHECK_TYPE(b.scalar_type() == a.scalar_type(), op, ": `b` must have the dtype of `a` (",
                    a.scalar_type(), "), got ", b.scalar_type());
   check_same_device(op, "b", b, "a", a);
-  TORCH_CHECK_VALUE(b.size(2) == a.size(1), op, ": `b` must be [E, N, K] with the K of `a` (",
+  R1X_CHECK_VALUE(b.size(2) == a.size(1), op, ": `b` must be [E, N, K] with the K of `a` (",
                     a.size(1), "), got shape ", b.sizes());
   check_offs(op, offs, b.size(0), a, "a");
 }
@@ -130,7 +130,7 @@ inline void check_grouped_gemm_grad(const char* op, const at::Tensor& grad, cons
                                     int64_t num_groups) {
   check_dtype(op, "grad", grad, {at::kFloat, at::kBFloat16}, "float32 or bfloat16");
   check_dim(op, "grad", grad, 2);
-  TORCH_CHECK_TYPE(t.scalar_type() == grad.scalar_type(), op, ": `", arg,
+  R1X_CHECK_TYPE(t.scalar_type() == grad.scalar_type(), op, ": `", arg,
                    "` must have the dtype of `grad` (", grad.scalar_type(), "), got ",
                    t.scalar_type());
   check_same_device(op, arg, t, "grad", grad);
@@ -142,17 +142,17 @@ inline void check_grouped_gemm_grad_a(const at::Tensor& grad, const at::Tensor& 
   constexpr const char* op = "grouped_gemm_grad_a";
   check_dim(op, "b", b, 3);
   check_grouped_gemm_grad(op, grad, "b", b, offs, b.size(0));
-  TORCH_CHECK_VALUE(b.size(1) == grad.size(1), op, ": `b` must be [E, N, K] with the N of `grad` (",
+  R1X_CHECK_VALUE(b.size(1) == grad.size(1), op, ": `b` must be [E, N, K] with the N of `grad` (",
                     grad.size(1), "), got shape ", b.sizes());
 }
 
 inline void check_grouped_gemm_grad_b(const at::Tensor& grad, const at::Tensor& a,
                                       const at::Tensor& offs, int64_t num_groups) {
   constexpr const char* op = "grouped_gemm_grad_b";
-  TORCH_CHECK_VALUE(num_groups >= 0, op, ": `num_groups` must be >= 0, got ", num_groups);
+  R1X_CHECK_VALUE(num_groups >= 0, op, ": `num_groups` must be >= 0, got ", num_groups);
   check_dim(op, "a", a, 2);
   check_grouped_gemm_grad(op, grad, "a", a, offs, num_groups);
-  TORCH_CHECK_VALUE(a.size(0) == grad.size(0), op, ": `a` must have the rows of `grad` (",
+  R1X_CHECK_VALUE(a.size(0) == grad.size(0), op, ": `a` must have the rows of `grad` (",
                     grad.size(0), "), got shape ", a.sizes());
 }
 

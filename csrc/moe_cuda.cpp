@@ -38,7 +38,7 @@ std::tuple<at::Tensor, at::Tensor> moe_topk_route_cuda(const at::Tensor& logits,
   at::Tensor weights = at::empty({t, top_k}, logits.options().dtype(at::kFloat));
   at::Tensor ids = at::empty({t, top_k}, logits.options().dtype(at::kInt));
   if (t == 0) return {weights, ids};
-  TORCH_CHECK_VALUE(e <= cuda::moe_route_max_experts(), op, ": the CUDA kernel takes at most ",
+  R1X_CHECK_VALUE(e <= cuda::moe_route_max_experts(), op, ": the CUDA kernel takes at most ",
                     cuda::moe_route_max_experts(), " experts, got ", e);
   const at::Tensor lc = dense(logits);
   at::Tensor bc;
@@ -69,9 +69,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_dispatch_cuda(const at::Tenso
   check_moe_dispatch(x, ids, num_experts);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t t = x.size(0), k = ids.size(1), rows = t * k, h = x.size(1);
-  TORCH_CHECK_VALUE(rows <= INT_MAX, op, ": T * top_k must fit in int32 (`perm` is int32), got ",
+  R1X_CHECK_VALUE(rows <= INT_MAX, op, ": T * top_k must fit in int32 (`perm` is int32), got ",
                     rows);
-  TORCH_CHECK_VALUE(num_experts < INT_MAX, op, ": `num_experts` must fit in int32, got ",
+  R1X_CHECK_VALUE(num_experts < INT_MAX, op, ": `num_experts` must fit in int32, got ",
                     num_experts);
   at::Tensor x_sorted = at::empty({rows, h}, x.options());
   at::Tensor offs = at::empty({num_experts}, ids.options().dtype(at::kInt));
@@ -97,7 +97,7 @@ at::Tensor moe_combine_cuda(const at::Tensor& y_sorted, const at::Tensor& weight
   check_moe_combine(y_sorted, weights, perm, num_tokens);
   const c10::cuda::CUDAGuard guard(y_sorted.device());
   const int64_t k = weights.size(1), h = y_sorted.size(1);
-  TORCH_CHECK_VALUE(num_tokens * k <= INT_MAX, op,
+  R1X_CHECK_VALUE(num_tokens * k <= INT_MAX, op,
                     ": num_tokens * top_k must fit in int32 (`perm` is int32), got ",
                     num_tokens * k);
   at::Tensor out = at::empty({num_tokens, h}, y_sorted.options());
@@ -123,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor> moe_combine_backward_cuda(const at::Tensor& g
   check_moe_combine_backward(grad_out, y_sorted, weights, perm);
   const c10::cuda::CUDAGuard guard(y_sorted.device());
   const int64_t t = weights.size(0), k = weights.size(1), h = y_sorted.size(1);
-  TORCH_CHECK_VALUE(t * k <= INT_MAX, op, ": num_tokens * top_k must fit in int32, got ", t * k);
+  R1X_CHECK_VALUE(t * k <= INT_MAX, op, ": num_tokens * top_k must fit in int32, got ", t * k);
   at::Tensor grad_y = at::empty({t * k, h}, y_sorted.options());
   at::Tensor grad_w = at::empty({t, k}, weights.options().dtype(at::kFloat));
   if (t * k == 0) return {grad_y, grad_w.to(weights.scalar_type())};
@@ -144,7 +144,7 @@ at::Tensor grouped_gemm_cuda(const at::Tensor& a, const at::Tensor& b, const at:
   const int64_t m = a.size(0), n = b.size(1), k = a.size(1), groups = b.size(0);
   if (m == 0 || n == 0) return at::empty({m, n}, a.options());
   if (groups == 0 || k == 0) return at::zeros({m, n}, a.options());
-  TORCH_CHECK_VALUE(m <= INT_MAX && n <= INT_MAX && k <= INT_MAX && groups <= INT_MAX, op,
+  R1X_CHECK_VALUE(m <= INT_MAX && n <= INT_MAX && k <= INT_MAX && groups <= INT_MAX, op,
                     ": M, N, K and E must fit in int32, got a ", a.sizes(), " and b ", b.sizes());
   const at::Tensor ac = dense(a), bc = dense(b), oc = dense(offs);
   const bool bf16 = a.scalar_type() == at::kBFloat16;
@@ -168,7 +168,7 @@ at::Tensor grouped_gemm_grad_a_cuda(const at::Tensor& grad, const at::Tensor& b,
   const int64_t m = grad.size(0), n = b.size(1), k = b.size(2), groups = b.size(0);
   if (m == 0 || k == 0) return at::empty({m, k}, grad.options());
   if (groups == 0 || n == 0) return at::zeros({m, k}, grad.options());
-  TORCH_CHECK_VALUE(m <= INT_MAX && n <= INT_MAX && k <= INT_MAX && groups <= INT_MAX, op,
+  R1X_CHECK_VALUE(m <= INT_MAX && n <= INT_MAX && k <= INT_MAX && groups <= INT_MAX, op,
                     ": M, N, K and E must fit in int32, got grad ", grad.sizes(), " and b ",
                     b.sizes());
   const at::Tensor gc = dense(grad), bc = dense(b), oc = dense(offs);
@@ -192,7 +192,7 @@ at::Tensor grouped_gemm_grad_b_cuda(const at::Tensor& grad, const at::Tensor& a,
   at::Tensor out = at::empty({num_groups, n, k}, grad.options());
   if (out.numel() == 0) return out;
   if (m == 0) return out.zero_();
-  TORCH_CHECK_VALUE(m <= INT_MAX && n <= INT_MAX && k <= INT_MAX && num_groups <= INT_MAX, op,
+  R1X_CHECK_VALUE(m <= INT_MAX && n <= INT_MAX && k <= INT_MAX && num_groups <= INT_MAX, op,
                     ": M, N, K and num_groups must fit in int32, got grad ", grad.sizes(),
                     " and a ", a.sizes());
   const at::Tensor gc = dense(grad), ac = dense(a), oc = dense(offs);
@@ -217,7 +217,7 @@ at::Tensor fp8_grouped_gemm_cuda(const at::Tensor& a, const at::Tensor& a_scale,
   if (m == 0 || n == 0) return at::empty({m, n}, a.options().dtype(odt));
   if (groups == 0 || k == 0) return at::zeros({m, n}, a.options().dtype(odt));
   const int64_t kb = k / 128;
-  TORCH_CHECK_VALUE(m <= INT_MAX && n <= INT_MAX && k <= INT_MAX && groups <= INT_MAX &&
+  R1X_CHECK_VALUE(m <= INT_MAX && n <= INT_MAX && k <= INT_MAX && groups <= INT_MAX &&
                         m * kb <= INT_MAX && groups * kb * ceil_div(n, 128) <= INT_MAX,
                     op, ": the problem is too large for the kernel's 32-bit sizes, got a ",
                     a.sizes(), " and b ", b.sizes());

@@ -7,6 +7,7 @@
 
 #include <stdexcept>
 
+#include "check.h"
 #include "cpu/isa.h"
 #include "cpu/kernels.h"
 
@@ -31,7 +32,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_autograd(const at::Tensor& q,
                                                        const at::Tensor& cache_seqlens, int64_t dv,
                                                        std::optional<double> softmax_scale,
                                                        bool causal) {
-  TORCH_CHECK(!(at::GradMode::is_enabled() && (q.requires_grad() || kv_cache.requires_grad())),
+  R1X_CHECK(!(at::GradMode::is_enabled() && (q.requires_grad() || kv_cache.requires_grad())),
               "mla_decode: has no backward (an inference kernel), but `q` or `kv_cache` requires "
               "grad: call it under torch.no_grad() or torch.inference_mode(), and train with "
               "mla_attention");

@@ -14,7 +14,12 @@ FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 def bits(t):
-    return t.view(torch.uint8) if t.dtype == FP8 else t.view(torch.int32)
+    """The bit pattern of each element, every NaN mapped to one pattern: NaN payloads are
+    device-specific (x86 division keeps the input's NaN, CUDA's returns 0x7fffffff), and the
+    contract is "NaN stays NaN"; every other value is compared bit for bit."""
+    if t.dtype == FP8:
+        return torch.where(torch.isnan(t.float()), 0x7F, t.view(torch.uint8).int())
+    return torch.where(torch.isnan(t), 0x7FC00000, t.view(torch.int32))
 
 
 def assert_bit_equal(actual, expected):
