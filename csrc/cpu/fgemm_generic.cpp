@@ -59,12 +59,17 @@ const FGemmKernels& fgemm_kernels_generic() {
 }
 
 const FGemmKernels& fgemm_kernels_for(Isa isa) {
+#if R1X_X86_KERNELS  // the ISA translation units are only built for x86-64 (CMakeLists.txt)
   switch (isa) {
     case Isa::kAmx: return fgemm_kernels_amx();
     case Isa::kAvx512: return fgemm_kernels_avx512();
     case Isa::kAvx2: return fgemm_kernels_avx2();
     default: return fgemm_kernels_generic();
   }
+#else
+  (void)isa;
+  return fgemm_kernels_generic();
+#endif
 }
 
 }  // namespace r1x::cpu

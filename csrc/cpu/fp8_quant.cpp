@@ -9,12 +9,17 @@
 namespace r1x::cpu {
 
 const Kernels& kernels_for(Isa isa) {
+#if R1X_X86_KERNELS  // the ISA translation units are only built for x86-64 (CMakeLists.txt)
   switch (isa) {
     case Isa::kAmx: return kernels_amx();
     case Isa::kAvx512: return kernels_avx512();
     case Isa::kAvx2: return kernels_avx2();
     default: return kernels_generic();
   }
+#else
+  (void)isa;
+  return kernels_generic();
+#endif
 }
 
 float fp8_scale_from_amax(float amax, bool ue8m0) {

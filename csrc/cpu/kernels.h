@@ -13,6 +13,14 @@ namespace r1x::cpu {
 
 enum class DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
+// IEEE binary16 as a C++ arithmetic type (conversions round to nearest even): GCC and Clang
+// spell it _Float16 on x86-64 and __fp16 on aarch64 (where GCC 12 has no _Float16 in C++).
+#if defined(__aarch64__)
+using Float16 = __fp16;
+#else
+using Float16 = _Float16;
+#endif
+
 // out[m, n] = sum_kb a_scale[m, kb] * b_scale[n / 128, kb] * sum_{k in kb} a[m, k] * b[n, k]
 struct GemmArgs {
   const uint8_t* a;      // [m, k] e4m3, row-major

@@ -17,11 +17,15 @@ namespace r1x::cpu {
 namespace {
 
 const MlaKernels& kernels() {
+#if R1X_X86_KERNELS  // the ISA translation units are only built for x86-64 (CMakeLists.txt)
   const Isa isa = active_isa();
   return isa >= Isa::kAmx      ? mla_kernels_amx()
          : isa >= Isa::kAvx512 ? mla_kernels_avx512()
          : isa >= Isa::kAvx2   ? mla_kernels_avx2()
                                : mla_kernels_generic();
+#else
+  return mla_kernels_generic();
+#endif
 }
 
 // Runs fn(task, scratch) for task in [0, n) on every worker: tasks are claimed in order from
@@ -150,7 +154,7 @@ void mla_decode(const DecodeArgs& args) {
       } else if (args.dtype == DType::kBF16) {
         for (int64_t j = 0; j < dv; ++j) static_cast<uint16_t*>(dst)[j] = f32_to_bf16(acc[j]);
       } else {
-        for (int64_t j = 0; j < dv; ++j) static_cast<_Float16*>(dst)[j] = static_cast<_Float16>(acc[j]);
+        for (int64_t j = 0; j < dv; ++j) static_cast<Float16*>(dst)[j] = static_cast<Float16>(acc[j]);
       }
       const int64_t sq = r / args.h, head = r % args.h;
       args.lse[(b * args.h + head) * args.sq + sq] =

@@ -70,8 +70,8 @@ inline void store_row(const float* v, int64_t n, DType dtype, void* out) {
     uint16_t* o = static_cast<uint16_t*>(out);
     for (int64_t j = 0; j < n; ++j) o[j] = f32_to_bf16(v[j]);
   } else {
-    _Float16* o = static_cast<_Float16*>(out);
-    for (int64_t j = 0; j < n; ++j) o[j] = static_cast<_Float16>(v[j]);
+    Float16* o = static_cast<Float16*>(out);
+    for (int64_t j = 0; j < n; ++j) o[j] = static_cast<Float16>(v[j]);
   }
 }
 

@@ -9,7 +9,13 @@ dispatch) and CUDA tensors (sm_90a kernels, CUTLASS), and works under ``torch.co
 
 import torch  # noqa: F401  (loads libtorch before the extension)
 
-from r1x import _C  # noqa: F401  (registers the torch.ops.r1x schemas and kernels)
+from r1x._torch_check import check_torch as _check_torch, explain_load_error as _explain
+
+_check_torch()  # the torch r1x._C was built against, before loading it
+try:
+    from r1x import _C  # noqa: F401  (registers the torch.ops.r1x schemas and kernels)
+except ImportError as _e:
+    raise _explain(_e) from _e
 from r1x import reference
 from r1x.ops.fp8 import dequant_fp8, fp8_gemm, quant_fp8_per_block, quant_fp8_per_token_group
 from r1x.ops.moe import fp8_grouped_gemm, grouped_gemm, moe_combine, moe_dispatch, moe_topk_route

@@ -46,6 +46,22 @@ def info() -> dict:
         ),
         "R1X_CPU_ISA": os.environ.get("R1X_CPU_ISA", ""),
     }
+    try:
+        from r1x import _build_info as b
+
+        d["built_with"] = {
+            "torch": b.TORCH_VERSION,
+            "cuda": b.TORCH_CUDA_VERSION or None,
+            "cuda_kernels": b.CUDA_KERNELS,
+            "cuda_archs": b.CUDA_ARCHS or None,
+            "cutlass": b.CUTLASS_VERSION or None,
+            "cpu_paths": list(b.CPU_PATHS),
+            "processor": b.PROCESSOR,
+            "compiler": b.COMPILER,
+            "sanitize": b.SANITIZE or None,
+        }
+    except ImportError:
+        d["built_with"] = None  # built before the build record existed
     if torch.cuda.is_available():
         d["cuda_device"] = torch.cuda.get_device_name()
         d["cuda_capability"] = "%d.%d" % torch.cuda.get_device_capability()
