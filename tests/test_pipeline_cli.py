@@ -4,8 +4,6 @@ config overrides, one stage from a YAML file, and DDP under torchrun (two CPU pr
 import importlib.util
 import json
 import os
-import signal
-import subprocess
 import sys
 import textwrap
 
@@ -13,6 +11,7 @@ import pytest
 import torch
 
 from r1x import cli
+from r1x.testing import torchrun
 from r1x.train import Trainer
 from r1x.train.distill import NoTeacherDataError
 from r1x.train.pipeline import DEFAULTS, TASK_DEFAULTS, PipelineConfig
@@ -174,32 +173,6 @@ def test_stage_cli_with_yaml(tmp_path, capsys):
 
 needs_gloo = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
-
-
-def torchrun(args, cwd, timeout=180):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", *args]
-    out_path, err_path = os.path.join(cwd, "torchrun.out"), os.path.join(cwd, "torchrun.err")
-    with open(out_path, "w") as out, open(err_path, "w") as err:
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=err, text=True)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:  # a collective that one rank never joins hangs
-            proc.send_signal(signal.SIGTERM)  # torchrun stops its workers (their own sessions) on SIGTERM
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-    with open(out_path) as f:
-        stdout = f.read()
-    with open(err_path) as f:
-        stderr = f.read()
-    assert proc.returncode == 0, (f"torchrun failed or hung ({timeout} s)\nstdout:\n{stdout[-3000:]}\n"
-                                  f"stderr:\n{stderr[-6000:]}")
-    return stdout
 
 
 def test_world_uses_gloo_when_ranks_outnumber_gpus(monkeypatch):

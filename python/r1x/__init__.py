@@ -24,6 +24,7 @@ from r1x.utils import cpu_isa, info, use_cpu_isa
 from r1x import nn  # noqa: E402
 from r1x import model  # noqa: E402
 from r1x import data, rewards, train  # noqa: E402
+from r1x import parallel  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -49,4 +50,5 @@ __all__ = [
     "data",
     "rewards",
     "train",
+    "parallel",
 ]

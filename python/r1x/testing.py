@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+
 import torch
 
 
@@ -117,3 +122,32 @@ def fp8_grouped_gemm_error_bound(a, a_scale, b, b_scale, offs, device, out_dtype
         if hi > lo:
             bound[lo:hi] = fp8_gemm_error_bound(a[lo:hi], a_scale[lo:hi], b[g], b_scale[g], device, out_dtype)
     return bound
+
+
+def torchrun(args, cwd, nproc: int = 2, timeout: float = 180) -> str:
+    """Runs ``python -m torch.distributed.run --nproc_per_node nproc --standalone *args`` in
+    ``cwd`` (one thread per process), stops it if it hangs (a collective one rank never joins),
+    asserts it succeeded, and returns its stdout (stdout and stderr also land in ``cwd``)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone", *args]
+    out_path, err_path = os.path.join(cwd, "torchrun.out"), os.path.join(cwd, "torchrun.err")
+    with open(out_path, "w") as out, open(err_path, "w") as err:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=err, text=True)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:  # a collective that one rank never joins hangs
+            proc.send_signal(signal.SIGTERM)  # torchrun stops its workers (their own sessions) on SIGTERM
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    with open(out_path) as f:
+        stdout = f.read()
+    with open(err_path) as f:
+        stderr = f.read()
+    assert proc.returncode == 0, (f"torchrun failed or hung ({timeout} s)\nstdout:\n{stdout[-3000:]}\n"
+                                  f"stderr:\n{stderr[-6000:]}")
+    return stdout

@@ -302,6 +302,9 @@ class MoE(nn.Module):
         self.shared_experts = (MoEMLP(hidden_size, moe_intermediate_size * n_shared_experts, dtype=dtype, device=device)
                                if n_shared_experts else None)
         self.register_buffer("expert_load", torch.zeros(e, dtype=torch.float32, device=device), persistent=False)
+        # expert parallelism (r1x.parallel.expert_parallel): this rank holds experts
+        # ep_rank * E / ep_size .. (ep_rank + 1) * E / ep_size - 1 of the group's ep_size ranks
+        self.ep_group, self.ep_size, self.ep_rank = None, 1, 0
         self.aux_loss = torch.zeros((), device=device)
         self.reset_parameters()
         if fp8:
@@ -356,12 +359,19 @@ class MoE(nn.Module):
         if not self.is_fp8:
             x2 = x2.to(self.experts.gate_up_proj.dtype)  # the grouped GEMMs take one dtype
         xs, offs, perm = moe_dispatch(x2, ids, self.n_routed_experts)
-        y = moe_combine(self.experts(xs, offs), weights, perm, t).to(x.dtype)
+        if self.ep_group is None:
+            ys, counts = self.experts(xs, offs), None
+        else:  # experts sharded over ranks: all-to-all there and back (r1x.parallel)
+            from r1x.parallel import ep_experts
+
+            ys, counts = ep_experts(self, xs, offs)  # counts: the whole group's, all-reduced
+        y = moe_combine(ys, weights, perm, t).to(x.dtype)
         if self.shared_experts is not None:
             y = y.add_(self.shared_experts(x2).to(x.dtype))  # y is combine's fresh output
 
         with torch.no_grad():  # per-expert token counts of this forward: no host sync
-            counts = torch.diff(offs, prepend=offs.new_zeros(1))
+            if counts is None:
+                counts = torch.diff(offs, prepend=offs.new_zeros(1))
             self.expert_load.add_(counts)
             if self.training and self.bias_update_speed > 0:
                 c = counts.float()
@@ -433,4 +443,7 @@ class MoE(nn.Module):
         s += (f", norm_topk_prob={self.norm_topk_prob}, routed_scaling_factor={self.routed_scaling_factor}, "
               f"bias_update_speed={self.bias_update_speed}, seq_aux_loss_alpha={self.seq_aux_loss_alpha}, "
               f"fp8={self.is_fp8}")
+        if self.ep_group is not None:
+            local = self.n_routed_experts // self.ep_size
+            s += f", expert_parallel=rank {self.ep_rank} of {self.ep_size} (experts {self.ep_rank * local}..{(self.ep_rank + 1) * local - 1})"
         return s

@@ -1,0 +1,131 @@
+"""Scaling out on torch.distributed: expert parallelism for :class:`r1x.nn.MoE`.
+
+``expert_parallel(moe, group)`` shards a full MoE layer's routed experts over the ``n`` ranks of a
+process group, in place: rank ``r`` keeps experts ``r*E/n .. (r+1)*E/n - 1``; the router and the
+shared experts stay whole on every rank. Each rank then runs the layer on its own tokens:
+
+1. route (the full router: every rank knows every expert's score);
+2. group its token copies by expert with :func:`r1x.moe_dispatch` (rows sorted by expert, so the
+   rows for rank ``j``'s experts are one contiguous block);
+3. exchange the per-expert counts (an ``all_to_all_single`` of ``E`` int32 values), then the rows
+   themselves (``all_to_all_single`` with those counts as split sizes; its backward is the
+   reverse all-to-all);
+4. regroup the received rows by local expert (they arrive by source rank) and run the local
+   experts with the grouped GEMMs;
+5. send the results back the way they came and combine them with the routing weights.
+
+Every rank computes on its tokens what the full layer computes on them, forward and backward:
+the gradient of a local expert sums over the tokens every rank sent it. The per-expert load is
+all-reduced over the group before the aux-loss-free bias update, so every rank keeps the same
+bias and the same :attr:`~r1x.nn.MoE.expert_load`. The FP8 experts (inference) shard the same way.
+
+What it costs: each token copy crosses the group twice (there and back), ``H`` values each way
+in the activations' dtype, so a layer moves ``2 * top_k * H * bytes`` per token (DeepSeek-V3:
+2 x 8 x 7168 x 2 B = 229 KB per token per layer in bf16), plus two small count exchanges; the
+splits are read on the host (one device synchronisation per layer).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["expert_parallel"]
+
+
+def expert_parallel(moe: nn.Module, group: dist.ProcessGroup | None = None) -> nn.Module:
+    """Shard ``moe``'s routed experts over ``group`` (default: the whole world), in place.
+
+    Args:
+        moe: a full :class:`r1x.nn.MoE` (the same weights on every rank, e.g. built from one
+            seed or loaded from one checkpoint).
+        group: the expert-parallel process group; rank ``r`` of its ``n`` keeps experts
+            ``r*E/n .. (r+1)*E/n - 1``.
+
+    Returns ``moe`` itself. Raises ``ValueError`` when ``n`` does not divide the number of
+    routed experts, ``TypeError`` for anything but an :class:`r1x.nn.MoE`, and ``RuntimeError``
+    without an initialised process group.
+    """
+    from r1x.nn.moe import MoE
+
+    if not isinstance(moe, MoE):
+        raise TypeError(f"expert_parallel: `moe` must be an r1x.nn.MoE, got {type(moe).__name__}")
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("expert_parallel: no process group: call torch.distributed.init_process_group "
+                           "first (e.g. under torchrun)")
+    if group is None:
+        group = dist.group.WORLD
+    if moe.ep_group is not None:
+        raise ValueError("expert_parallel: `moe` is already expert-parallel")
+    n, r = dist.get_world_size(group), dist.get_rank(group)
+    e = moe.n_routed_experts
+    if e % n:
+        raise ValueError(f"expert_parallel: the group's size ({n}) must divide `n_routed_experts` ({e})")
+    local = e // n
+    lo = r * local
+    ex = moe.experts
+    names = ["gate_up_proj", "down_proj"]
+    if ex.is_fp8:
+        names += ["gate_up_proj_scale_inv", "down_proj_scale_inv"]
+    with torch.no_grad():
+        for name in names:
+            t = getattr(ex, name)
+            part = t[lo : lo + local].clone()
+            if isinstance(t, nn.Parameter):
+                setattr(ex, name, nn.Parameter(part, requires_grad=t.requires_grad))
+            else:
+                ex.register_buffer(name, part)
+    ex.num_experts = local
+    ex._padded = {}
+    moe.ep_group, moe.ep_size, moe.ep_rank = group, n, r
+    return moe
+
+
+def _regroup_order(recv: torch.Tensor) -> torch.Tensor:
+    """Rows received as blocks (source s, local expert j), s-major, with ``recv[s, j]`` rows each:
+    the gather index that puts them j-major (all of expert 0 from every source, then expert 1...)."""
+    n, local = recv.shape
+    flat = recv.reshape(-1).long()
+    start = (flat.cumsum(0) - flat).view(n, local)  # where block (s, j) starts as received
+    lengths = recv.t().reshape(-1).long()  # blocks in j-major order
+    out_start = lengths.cumsum(0) - lengths
+    total = int(flat.sum())
+    shift = torch.repeat_interleave(start.t().reshape(-1) - out_start, lengths, output_size=total)
+    return torch.arange(total, device=recv.device) + shift
+
+
+def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
+    """``all_to_all_single`` of the rows of ``x`` (autograd: the backward is the reverse exchange)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
+
+        return wait_tensor(all_to_all_single_autograd(x.contiguous(), out_splits, in_splits, group))
+    out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+    return out
+
+
+def ep_experts(moe: nn.Module, xs: torch.Tensor, offs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The routed experts of an expert-parallel ``moe`` on this rank's dispatched rows.
+
+    ``xs [M, H]`` rows grouped by (global) expert and ``offs [E]`` their int32 end offsets, as
+    :func:`r1x.moe_dispatch` returns them. Returns ``(y [M, H], counts [E])``: the experts' outputs
+    in the rows' order, and the group's total token count per expert (all-reduced, float32)."""
+    group, n = moe.ep_group, moe.ep_size
+    local = moe.n_routed_experts // n
+    counts = torch.diff(offs, prepend=offs.new_zeros(1)).to(torch.int32)
+    recv = torch.empty_like(counts)
+    dist.all_to_all_single(recv, counts, group=group)  # [n * local]: from source s, for local expert j
+    recv = recv.view(n, local)
+    send_splits = counts.view(n, local).sum(1).tolist()
+    recv_splits = recv.sum(1).tolist()
+    xr = _all_to_all(xs, recv_splits, send_splits, group)
+    order = _regroup_order(recv)
+    local_offs = recv.sum(0).cumsum(0).to(torch.int32)
+    y_local = moe.experts(xr.index_select(0, order), local_offs)
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=order.device))
+    y = _all_to_all(y_local.index_select(0, inverse), send_splits, recv_splits, group)
+    total = counts.float()
+    dist.all_reduce(total, group=group)
+    return y, total
