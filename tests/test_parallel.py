@@ -1,5 +1,6 @@
-"""Expert parallelism (r1x.parallel.expert_parallel) on the CPU with gloo, under torchrun with 2
-and 4 processes: forward and backward equal the full layer on the same weights and tokens."""
+"""r1x.parallel on the CPU with gloo, under torchrun with 2 and 4 processes: expert parallelism
+(forward and backward equal the full layer on the same weights and tokens) and FSDP2 + EP
+training (gradients, losses and weights equal single-process training on the global batch)."""
 
 import re
 from pathlib import Path
@@ -15,6 +16,7 @@ from r1x.testing import torchrun
 needs_gloo = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
 SCRIPT = Path(__file__).parent / "dist" / "ep_moe.py"
+TRAIN_SCRIPT = Path(__file__).parent / "dist" / "fsdp_ep_train.py"
 
 
 @needs_gloo
@@ -23,6 +25,44 @@ def test_expert_parallel_equals_the_full_layer(tmp_path, nproc):
     out = torchrun([str(SCRIPT)], cwd=tmp_path, nproc=nproc, timeout=300)
     # ranks print concurrently: their lines may run together
     assert sorted(re.findall(r"EP OK rank \d+ of \d+", out)) == [f"EP OK rank {r} of {nproc}" for r in range(nproc)]
+
+
+@needs_gloo
+@pytest.mark.parametrize("nproc, ep", [(2, 2), (4, 2), (4, 1)])
+def test_fsdp2_ep_training_equals_single_process(tmp_path, nproc, ep):
+    out = torchrun([str(TRAIN_SCRIPT), str(ep)], cwd=tmp_path, nproc=nproc, timeout=300)
+    oks = re.findall(rf"FSDP2\+EP OK rank (\d+) of {nproc} ep {ep} worst \S+ dense (\d+)/(\d+)", out)
+    assert sorted(int(r) for r, _, _ in oks) == list(range(nproc)), out
+    for _, local, total in oks:  # each rank holds 1/nproc of the dense parameters
+        assert int(local) * nproc == int(total)
+
+
+@needs_gloo
+def test_parallelize_bad_input(tmp_path):
+    import torch.distributed as dist
+
+    from r1x.model import DeepSeekConfig, DeepSeekForCausalLM
+    from r1x.parallel import parallelize
+
+    model = DeepSeekForCausalLM(DeepSeekConfig.preset("tiny"))
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        parallelize(model)
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="`ep` \\(2\\) must be a positive integer dividing the world size \\(1\\)"):
+            parallelize(model, ep=2)
+        with pytest.raises(ValueError, match="`dp_shard` \\(2\\) must equal the world size \\(1\\)"):
+            parallelize(model, dp_shard=2)
+        with pytest.raises(TypeError, match="DeepSeekForCausalLM"):
+            parallelize(torch.nn.Linear(2, 2))
+        # a world of one: sharded over one rank, the same outputs
+        ids = torch.randint(0, 256, (2, 9))
+        want = model(ids, labels=ids).loss
+        parallelize(model)
+        torch.testing.assert_close(model(ids, labels=ids).loss, want)
+    finally:
+        dist.destroy_process_group()
 
 
 def test_expert_parallel_bad_input():

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["expert_parallel"]
+__all__ = ["expert_parallel", "parallelize"]
 
 
 def expert_parallel(moe: nn.Module, group: dist.ProcessGroup | None = None) -> nn.Module:
@@ -127,5 +127,76 @@ def ep_experts(moe: nn.Module, xs: torch.Tensor, offs: torch.Tensor) -> tuple[to
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=order.device))
     y = _all_to_all(y_local.index_select(0, inverse), send_splits, recv_splits, group)
     total = counts.float()
-    dist.all_reduce(total, group=group)
+    dist.all_reduce(total, group=moe.load_group if moe.load_group is not None else group)
     return y, total
+
+
+def parallelize(model: nn.Module, *, ep: int = 1, dp_shard: int | None = None, mp_policy=None,
+                reshard_after_forward: bool = True) -> nn.Module:
+    """FSDP2 + expert parallelism for a whole :class:`r1x.model.DeepSeekForCausalLM`, in place,
+    on the world of ``torch.distributed`` (torchrun), the way torchtitan composes them:
+
+    - the routed experts of every MoE layer are sharded over EP groups of ``ep`` consecutive
+      ranks (:func:`expert_parallel`), and each expert shard is in turn FSDP-sharded over the
+      ``world / ep`` ranks that hold the same experts (the ``edp`` mesh dimension);
+    - everything else (attention, shared experts, dense MLPs, norms, embeddings, the head, the
+      MTP modules) is FSDP-sharded (``fully_shard``) over all ranks, one unit per decoder layer
+      plus the root (embeddings, final norm, head, MTP modules);
+    - gradients are averaged over all ranks (the experts' too: their reduce-scatter over ``edp``
+      is divided by the world size, since their gradient already sums the ``ep`` ranks' tokens),
+      so each rank's loss is its own batch's mean and an optimizer step equals single-process
+      training on the global batch;
+    - the MoE load statistics and aux-loss-free bias updates are all-reduced over all ranks.
+
+    Args:
+        model: a DeepSeekForCausalLM with the same weights on every rank (one seed or one
+            checkpoint), on the device this rank computes on.
+        ep: expert-parallel size; must divide the world size and ``n_routed_experts``.
+        dp_shard: ranks that shard the dense parameters; must be the world size (the default).
+        mp_policy: a ``torch.distributed.fsdp.MixedPrecisionPolicy`` (torchtitan trains with
+            ``param_dtype=torch.bfloat16, reduce_dtype=torch.float32``); default: none.
+        reshard_after_forward: FSDP2's (True: free the gathered parameters after forward).
+
+    Returns ``model``; ``model.r1x_mesh`` is the ``(edp, ep)`` device mesh.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from r1x.nn.moe import MoE
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("parallelize: no process group: call torch.distributed.init_process_group first "
+                           "(e.g. under torchrun)")
+    world = dist.get_world_size()
+    dp_shard = world if dp_shard is None else dp_shard
+    if dp_shard != world:
+        raise ValueError(f"parallelize: `dp_shard` ({dp_shard}) must equal the world size ({world})")
+    if not isinstance(ep, int) or ep < 1 or world % ep:
+        raise ValueError(f"parallelize: `ep` ({ep!r}) must be a positive integer dividing the world size ({world})")
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    for m in moes:
+        if m.n_routed_experts % ep:
+            raise ValueError(f"parallelize: `ep` ({ep}) must divide `n_routed_experts` ({m.n_routed_experts})")
+    # one FSDP unit per decoder layer; the MTP modules stay in the root's unit (the model's
+    # forward calls their parts, not the modules themselves)
+    layers = list(getattr(getattr(model, "model", None), "layers", []))
+    if not layers:
+        raise TypeError(f"parallelize: `model` must be an r1x.model.DeepSeekForCausalLM, got {type(model).__name__}")
+    device_type = next(model.parameters()).device.type
+    mesh = init_device_mesh(device_type, (world // ep, ep), mesh_dim_names=("edp", "ep"))
+    world_mesh = init_device_mesh(device_type, (world,), mesh_dim_names=("dp_shard",))
+    mp = mp_policy if mp_policy is not None else MixedPrecisionPolicy()
+    for m in moes:
+        if ep > 1:
+            expert_parallel(m, mesh.get_group("ep"))
+        m.load_group = dist.group.WORLD
+        # FSDP averages the expert shard's gradient over its edp ranks; the 1/ep left (the
+        # gradient already sums the ep ranks' tokens) is applied in the experts' backward
+        # (a divide factor on the reduce-scatter would need PREMUL_SUM, which gloo lacks)
+        m.experts.grad_scale = 1.0 / ep
+        fully_shard(m.experts, mesh=mesh["edp"], mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    for layer in layers:
+        fully_shard(layer, mesh=world_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=world_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    model.r1x_mesh = mesh
+    return model

@@ -73,6 +73,19 @@ class MoEGate(nn.Module):
         return F.linear(x if x.dtype == torch.float32 else x.float(), w)
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by ``scale`` on the way back."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.scale, None
+
+
 class MoEExperts(nn.Module):
     """The routed experts as 3-D weights (transformers' ``DeepseekV3Experts`` layout):
     ``gate_up_proj [E, 2*I, H]`` (the I gate rows, then the I up rows) and
@@ -95,6 +108,7 @@ class MoEExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(n_routed_experts, 2 * moe_intermediate_size, hidden_size, **factory))
         self.down_proj = nn.Parameter(torch.empty(n_routed_experts, hidden_size, moe_intermediate_size, **factory))
         self._padded = {}  # name -> (key, e4m3 weight with K padded to 128), eager inference
+        self.grad_scale = 1.0  # multiplies the weights' gradients (r1x.parallel.parallelize sets 1/ep)
 
     @property
     def is_fp8(self) -> bool:
@@ -141,8 +155,11 @@ class MoEExperts(nn.Module):
             h = fp8_grouped_gemm(*quant_fp8_per_token_group(_pad(xs, -1, BLOCK), BLOCK), q_gu, s_gu, offs)
             a = _swiglu(h[:, :i], h[:, i:])
             return fp8_grouped_gemm(*quant_fp8_per_token_group(_pad(a, -1, BLOCK), BLOCK), q_d, s_d, offs)
-        h = grouped_gemm(xs.to(self.gate_up_proj.dtype), self.gate_up_proj, offs)
-        return grouped_gemm(_swiglu(h[:, :i], h[:, i:]), self.down_proj, offs)
+        w_gu, w_d = self.gate_up_proj, self.down_proj
+        if self.grad_scale != 1.0 and torch.is_grad_enabled():
+            w_gu, w_d = _ScaleGrad.apply(w_gu, self.grad_scale), _ScaleGrad.apply(w_d, self.grad_scale)
+        h = grouped_gemm(xs.to(w_gu.dtype), w_gu, offs)
+        return grouped_gemm(_swiglu(h[:, :i], h[:, i:]), w_d, offs)
 
     def extra_repr(self) -> str:
         kind = "fp8 e4m3 (128x128 blocks)" if self.is_fp8 else str(self.gate_up_proj.dtype)
@@ -305,6 +322,10 @@ class MoE(nn.Module):
         # expert parallelism (r1x.parallel.expert_parallel): this rank holds experts
         # ep_rank * E / ep_size .. (ep_rank + 1) * E / ep_size - 1 of the group's ep_size ranks
         self.ep_group, self.ep_size, self.ep_rank = None, 1, 0
+        # the group over which the per-expert load (expert_load, the bias update) is summed:
+        # None = this process alone (or the EP group when expert-parallel); parallelize() sets
+        # the whole world so that every data-parallel rank keeps the same bias
+        self.load_group = None
         self.aux_loss = torch.zeros((), device=device)
         self.reset_parameters()
         if fp8:
@@ -372,6 +393,9 @@ class MoE(nn.Module):
         with torch.no_grad():  # per-expert token counts of this forward: no host sync
             if counts is None:
                 counts = torch.diff(offs, prepend=offs.new_zeros(1))
+                if self.load_group is not None:
+                    counts = counts.float()
+                    torch.distributed.all_reduce(counts, group=self.load_group)
             self.expert_load.add_(counts)
             if self.training and self.bias_update_speed > 0:
                 c = counts.float()
