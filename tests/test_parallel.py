@@ -56,7 +56,8 @@ def test_parallelize_bad_input(tmp_path):
             parallelize(model, dp_shard=2)
         with pytest.raises(TypeError, match="DeepSeekForCausalLM"):
             parallelize(torch.nn.Linear(2, 2))
-        # a world of one: sharded over one rank, the same outputs
+        # a world of one: sharded over one rank, the same outputs (eval: no bias update between)
+        model.eval()
         ids = torch.randint(0, 256, (2, 9))
         want = model(ids, labels=ids).loss
         parallelize(model)
@@ -77,3 +78,27 @@ def test_single_rank_layer_is_untouched():
     moe = MoE(16, 8, 4, 2)
     assert moe.ep_group is None and moe.ep_size == 1 and "expert_parallel" not in repr(moe)
     assert r1x.parallel.expert_parallel is expert_parallel
+
+
+def _dist_memory():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "dist_memory.py"
+    spec = importlib.util.spec_from_file_location("dist_memory", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_memory_table_shards_everything_and_readme_is_current():
+    mem = _dist_memory()
+    from r1x.model import DeepSeekConfig
+
+    c = mem.count(DeepSeekConfig.preset("tiny"))
+    assert 0 < c["experts"] < c["total"]
+    one, four = mem.per_rank(c, 1, 1), mem.per_rank(c, 4, 2)
+    assert four["params"] * 4 == one["params"] == c["total"]
+    assert four["state_gb"] * 4 == pytest.approx(one["state_gb"]) == pytest.approx(c["total"] * 16 / 1e9)
+    assert mem.a2a_bytes(DeepSeekConfig.preset("v3")) == 2 * 8 * 7168 * 2
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert mem.table(["v2-lite", "v3"]) in readme, "README's memory table is stale: python benchmarks/dist_memory.py"
