@@ -17,6 +17,7 @@ needs_gloo = pytest.mark.skipif(not (torch.distributed.is_available() and torch.
                                 reason="torch.distributed with gloo is not available")
 SCRIPT = Path(__file__).parent / "dist" / "ep_moe.py"
 TRAIN_SCRIPT = Path(__file__).parent / "dist" / "fsdp_ep_train.py"
+DCP_SCRIPT = Path(__file__).parent / "dist" / "dcp_reshard.py"
 
 
 @needs_gloo
@@ -35,6 +36,33 @@ def test_fsdp2_ep_training_equals_single_process(tmp_path, nproc, ep):
     assert sorted(int(r) for r, _, _ in oks) == list(range(nproc)), out
     for _, local, total in oks:  # each rank holds 1/nproc of the dense parameters
         assert int(local) * nproc == int(total)
+
+
+@needs_gloo
+def test_dcp_checkpoint_saved_on_4_ranks_resumes_on_2_and_1(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    ckpt = str(tmp_path / "ckpt")
+    out = torchrun([str(DCP_SCRIPT), "save", ckpt, "2"], cwd=tmp_path, nproc=4, timeout=300)
+    assert len(re.findall(r"DCP save OK rank \d of 4 ep 2", out)) == 4
+    assert os.path.isdir(ckpt) and not os.path.exists(ckpt + ".tmp")  # renamed once complete
+    for ep in ("2", "1"):
+        out = torchrun([str(DCP_SCRIPT), "load", ckpt, ep], cwd=tmp_path, nproc=2, timeout=300)
+        assert len(re.findall(rf"DCP load OK rank \d of 2 ep {ep}", out)) == 2
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    r = subprocess.run([sys.executable, str(DCP_SCRIPT), "load", ckpt, "1"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "DCP load OK rank 0 of 1" in r.stdout, r.stderr[-3000:]
+
+
+def test_load_checkpoint_bad_input(tmp_path):
+    from r1x.model import DeepSeekConfig, DeepSeekForCausalLM
+    from r1x.parallel import load_checkpoint
+
+    with pytest.raises(FileNotFoundError, match="no checkpoint folder"):
+        load_checkpoint(DeepSeekForCausalLM(DeepSeekConfig.preset("tiny")), str(tmp_path / "nothing"))
 
 
 @needs_gloo

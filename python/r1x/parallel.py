@@ -1,4 +1,6 @@
-"""Scaling out on torch.distributed: expert parallelism for :class:`r1x.nn.MoE`.
+"""Scaling out on torch.distributed: expert parallelism for :class:`r1x.nn.MoE`, FSDP2 + EP for
+the whole model (:func:`parallelize`) and checkpoints that reshard (:func:`save_checkpoint`,
+:func:`load_checkpoint`).
 
 ``expert_parallel(moe, group)`` shards a full MoE layer's routed experts over the ``n`` ranks of a
 process group, in place: rank ``r`` keeps experts ``r*E/n .. (r+1)*E/n - 1``; the router and the
@@ -31,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["expert_parallel", "parallelize"]
+__all__ = ["expert_parallel", "parallelize", "save_checkpoint", "load_checkpoint"]
 
 
 def expert_parallel(moe: nn.Module, group: dist.ProcessGroup | None = None) -> nn.Module:
@@ -199,4 +201,83 @@ def parallelize(model: nn.Module, *, ep: int = 1, dp_shard: int | None = None, m
         fully_shard(layer, mesh=world_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=world_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     model.r1x_mesh = mesh
+    if ep > 1:
+        # the same ranks as (ep, edp): how an expert tensor is laid out globally (blocks of E/ep
+        # experts per EP rank, each block split over its edp ranks), for the checkpoints
+        from torch.distributed.device_mesh import DeviceMesh
+
+        layout = torch.arange(world).view(world // ep, ep).t().contiguous()
+        model.r1x_expert_mesh = DeviceMesh(device_type, layout, mesh_dim_names=("ep", "edp"))
     return model
+
+
+def _global_state_dict(model: nn.Module) -> dict:
+    """``model.state_dict()`` with every sharded tensor as a global view (a DTensor over the
+    ranks that hold its parts), so that torch.distributed.checkpoint can save it once and load it
+    into any other sharding. The views share the parameters' storage (loading writes into them)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    expert_mesh = getattr(model, "r1x_expert_mesh", None)
+    out = {}
+    for name, t in model.state_dict().items():
+        if expert_mesh is not None and ".experts." in name and isinstance(t, DTensor):
+            e_local, rest = t.shape[0], tuple(t.shape[1:])
+            shape = torch.Size((e_local * expert_mesh.size(0),) + rest)
+            stride = torch.empty(shape, device="meta").stride()
+            t = DTensor.from_local(t.to_local(), expert_mesh, [Shard(0), Shard(0)], run_check=False,
+                                   shape=shape, stride=stride)
+        out[name] = t
+    return out
+
+
+def save_checkpoint(model: nn.Module, path: str) -> None:
+    """Save ``model``'s weights and buffers with ``torch.distributed.checkpoint`` (DCP), each
+    rank writing its own shards, into the folder ``path``, atomically: the files land in
+    ``path + ".tmp"`` and the folder is renamed once every rank has written. Works for a model
+    under :func:`parallelize` (any mesh) and for a plain one (one process, or every rank the same);
+    :func:`load_checkpoint` reads it back into any other sharding."""
+    import os
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+
+    distributed = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank() if distributed else 0
+    tmp = path.rstrip("/") + ".tmp"
+    if rank == 0 and os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    if distributed:
+        dist.barrier()
+    dcp.save(_global_state_dict(model), checkpoint_id=tmp, no_dist=not distributed)
+    if distributed:
+        dist.barrier()
+    if rank == 0:
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    if distributed:
+        dist.barrier()
+
+
+def load_checkpoint(model: nn.Module, path: str) -> None:
+    """Load a :func:`save_checkpoint` folder into ``model`` in place, whatever the number of ranks
+    and the mesh it was saved with (DCP reshards). Every tensor of the model must be in the
+    checkpoint with its global shape: a checkpoint of another config is a ``ValueError``."""
+    import os
+
+    import torch.distributed.checkpoint as dcp
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"load_checkpoint: no checkpoint folder at {path!r}")
+    distributed = dist.is_available() and dist.is_initialized()
+    target = _global_state_dict(model)
+    meta = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    missing = sorted(set(target) - set(meta))
+    wrong = sorted(k for k, t in target.items() if k in meta and hasattr(meta[k], "size")
+                   and tuple(meta[k].size) != tuple(t.shape))
+    if missing or wrong:
+        k = (missing or wrong)[0]
+        raise ValueError(f"load_checkpoint: {path!r} is not a checkpoint of this model: "
+                         + (f"{len(missing)} tensors missing (e.g. {k!r})" if missing else
+                            f"{k!r} is {list(meta[k].size)} there and {list(target[k].shape)} here"))
+    dcp.load(target, checkpoint_id=path, no_dist=not distributed)
