@@ -130,3 +130,18 @@ def test_memory_table_shards_everything_and_readme_is_current():
     assert mem.a2a_bytes(DeepSeekConfig.preset("v3")) == 2 * 8 * 7168 * 2
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert mem.table(["v2-lite", "v3"]) in readme, "README's memory table is stale: python benchmarks/dist_memory.py"
+
+
+@needs_gloo
+def test_bench_dist_runs(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_dist.py"
+    r = subprocess.run([sys.executable, str(script), "--ranks", "1,2", "--layers", "1", "--seq", "16", "--steps", "1",
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads((tmp_path / "bench_dist_cpu.json").read_text())
+    assert [rec["ranks"] for rec in data["results"]] == [1, 2]
+    assert data["results"][0]["a2a_fwd_s"] == 0 < data["results"][1]["a2a_fwd_s"]
