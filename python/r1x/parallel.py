@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["expert_parallel", "parallelize", "save_checkpoint", "load_checkpoint"]
+__all__ = ["expert_parallel", "parallelize", "clip_grad_norm_", "save_checkpoint", "load_checkpoint"]
 
 
 def expert_parallel(moe: nn.Module, group: dist.ProcessGroup | None = None) -> nn.Module:
@@ -209,6 +209,34 @@ def parallelize(model: nn.Module, *, ep: int = 1, dp_shard: int | None = None, m
         layout = torch.arange(world).view(world // ep, ep).t().contiguous()
         model.r1x_expert_mesh = DeviceMesh(device_type, layout, mesh_dim_names=("ep", "edp"))
     return model
+
+
+def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` for a model under :func:`parallelize`: the gradient norm
+    over the whole model (every rank's shards), then every gradient scaled by
+    ``min(1, max_norm / norm)`` (torch's formula, with its 1e-6). Works where torch's refuses:
+    the dense parameters and the experts are DTensors on different meshes. Every element lives
+    on exactly one rank, so the norm is the square root of the world's sum of the local sums of
+    squares. A model that is not parallelized falls back to torch's. Returns the norm (float32)."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not any(isinstance(g, DTensor) for g in grads):
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, foreach=False)
+    if not all(isinstance(g, DTensor) for g in grads):
+        raise ValueError("clip_grad_norm_: some gradients are DTensors and some are not: "
+                         "is the model only partly parallelized?")
+    local = [g.to_local() for g in grads]
+    device = local[0].device if local else torch.device("cpu")
+    sq = torch.zeros((), dtype=torch.float32, device=device)
+    for t in local:
+        sq += t.float().square().sum()
+    dist.all_reduce(sq)
+    norm = sq.sqrt()
+    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for t in local:
+        t.mul_(coef.to(t.dtype))
+    return norm
 
 
 def _global_state_dict(model: nn.Module) -> dict:

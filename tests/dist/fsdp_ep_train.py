@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from r1x.model import DeepSeekConfig, DeepSeekForCausalLM
-from r1x.parallel import parallelize
+from r1x.parallel import clip_grad_norm_, parallelize
 
 
 def full(p):
@@ -66,6 +66,12 @@ def main():
         if not torch.allclose(mean, loss_ref.detach(), rtol=1e-5, atol=1e-6):
             raise AssertionError(f"rank {rank} step {step}: loss {mean.item():.7f} vs {loss_ref.item():.7f}")
         compare(f"step {step} gradient", lambda p: full(p.grad), 1e-5)
+        # clipping over the whole sharded model: torch's norm and scale on the reference
+        norm_ref = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
+        norm = clip_grad_norm_(model, 0.5)
+        if not torch.allclose(norm, norm_ref.float(), rtol=1e-5):
+            raise AssertionError(f"rank {rank} step {step}: grad norm {norm.item()} vs {norm_ref.item()}")
+        compare(f"step {step} clipped gradient", lambda p: full(p.grad), 1e-5)
         for o in (opt, opt_ref):
             o.step()
             o.zero_grad()
