@@ -29,6 +29,9 @@ splits are read on the host (one device synchronisation per layer).
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -108,15 +111,15 @@ def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], gr
     return out
 
 
-def ep_experts(moe: nn.Module, xs: torch.Tensor, offs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def ep_experts(moe: nn.Module, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """The routed experts of an expert-parallel ``moe`` on this rank's dispatched rows.
 
-    ``xs [M, H]`` rows grouped by (global) expert and ``offs [E]`` their int32 end offsets, as
-    :func:`r1x.moe_dispatch` returns them. Returns ``(y [M, H], counts [E])``: the experts' outputs
-    in the rows' order, and the group's total token count per expert (all-reduced, float32)."""
+    ``xs [M, H]`` rows grouped by (global) expert, as :func:`r1x.moe_dispatch` returns them, and
+    ``counts [E]`` the rows per expert. Returns ``y [M, H]``: the experts' outputs in the rows'
+    order. (The load statistics are all-reduced by the layer itself.)"""
     group, n = moe.ep_group, moe.ep_size
     local = moe.n_routed_experts // n
-    counts = torch.diff(offs, prepend=offs.new_zeros(1)).to(torch.int32)
+    counts = counts.to(torch.int32)
     recv = torch.empty_like(counts)
     dist.all_to_all_single(recv, counts, group=group)  # [n * local]: from source s, for local expert j
     recv = recv.view(n, local)
@@ -127,10 +130,7 @@ def ep_experts(moe: nn.Module, xs: torch.Tensor, offs: torch.Tensor) -> tuple[to
     local_offs = recv.sum(0).cumsum(0).to(torch.int32)
     y_local = moe.experts(xr.index_select(0, order), local_offs)
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=order.device))
-    y = _all_to_all(y_local.index_select(0, inverse), send_splits, recv_splits, group)
-    total = counts.float()
-    dist.all_reduce(total, group=moe.load_group if moe.load_group is not None else group)
-    return y, total
+    return _all_to_all(y_local.index_select(0, inverse), send_splits, recv_splits, group)
 
 
 def parallelize(model: nn.Module, *, ep: int = 1, dp_shard: int | None = None, mp_policy=None,
@@ -264,9 +264,6 @@ def save_checkpoint(model: nn.Module, path: str) -> None:
     ``path + ".tmp"`` and the folder is renamed once every rank has written. Works for a model
     under :func:`parallelize` (any mesh) and for a plain one (one process, or every rank the same);
     :func:`load_checkpoint` reads it back into any other sharding."""
-    import os
-    import shutil
-
     import torch.distributed.checkpoint as dcp
 
     distributed = dist.is_available() and dist.is_initialized()
@@ -291,8 +288,6 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
     """Load a :func:`save_checkpoint` folder into ``model`` in place, whatever the number of ranks
     and the mesh it was saved with (DCP reshards). Every tensor of the model must be in the
     checkpoint with its global shape: a checkpoint of another config is a ``ValueError``."""
-    import os
-
     import torch.distributed.checkpoint as dcp
 
     if not os.path.isdir(path):

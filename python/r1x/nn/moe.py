@@ -380,22 +380,22 @@ class MoE(nn.Module):
         if not self.is_fp8:
             x2 = x2.to(self.experts.gate_up_proj.dtype)  # the grouped GEMMs take one dtype
         xs, offs, perm = moe_dispatch(x2, ids, self.n_routed_experts)
+        counts = torch.diff(offs, prepend=offs.new_zeros(1))  # this rank's tokens per expert
         if self.ep_group is None:
-            ys, counts = self.experts(xs, offs), None
+            ys = self.experts(xs, offs)
         else:  # experts sharded over ranks: all-to-all there and back (r1x.parallel)
             from r1x.parallel import ep_experts
 
-            ys, counts = ep_experts(self, xs, offs)  # counts: the whole group's, all-reduced
+            ys = ep_experts(self, xs, counts)
         y = moe_combine(ys, weights, perm, t).to(x.dtype)
         if self.shared_experts is not None:
             y = y.add_(self.shared_experts(x2).to(x.dtype))  # y is combine's fresh output
 
         with torch.no_grad():  # per-expert token counts of this forward: no host sync
-            if counts is None:
-                counts = torch.diff(offs, prepend=offs.new_zeros(1))
-                if self.load_group is not None:
-                    counts = counts.float()
-                    torch.distributed.all_reduce(counts, group=self.load_group)
+            group = self.load_group if self.load_group is not None else self.ep_group
+            if group is not None:  # summed over the ranks that share the bias
+                counts = counts.float()
+                torch.distributed.all_reduce(counts, group=group)
             self.expert_load.add_(counts)
             if self.training and self.bias_update_speed > 0:
                 c = counts.float()
