@@ -1,7 +1,6 @@
 """Packaging: the build record, the torch check at import, the wheel's torch pin, the CUTLASS
 lookup's errors and CMake's one-sentence errors."""
 
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -15,15 +14,9 @@ import torch
 
 import r1x
 from r1x import _torch_check
+from r1x.testing import load_module
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_build_record_matches_the_running_torch():
@@ -75,7 +68,7 @@ def test_undefined_symbol_becomes_the_rebuild_sentence():
 
 
 def test_wheel_metadata_pins_the_build_torch(monkeypatch):
-    meta = _load(ROOT / "build_tools" / "r1x_metadata.py", "r1x_metadata")
+    meta = load_module(ROOT / "build_tools" / "r1x_metadata.py")
     major, minor = _torch_check.release(torch.__version__)
     deps = meta.dynamic_metadata("dependencies", {"requires": ["numpy", "tqdm"]})
     assert deps == [f"torch=={major}.{minor}.*", "numpy", "tqdm"]

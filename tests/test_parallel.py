@@ -11,7 +11,7 @@ import torch
 import r1x
 from r1x.nn import MoE
 from r1x.parallel import expert_parallel
-from r1x.testing import torchrun
+from r1x.testing import load_module, torchrun
 
 needs_gloo = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
@@ -108,18 +108,8 @@ def test_single_rank_layer_is_untouched():
     assert r1x.parallel.expert_parallel is expert_parallel
 
 
-def _dist_memory():
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "dist_memory.py"
-    spec = importlib.util.spec_from_file_location("dist_memory", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_memory_table_shards_everything_and_readme_is_current():
-    mem = _dist_memory()
+    mem = load_module(Path(__file__).resolve().parents[1] / "benchmarks" / "dist_memory.py")
     from r1x.model import DeepSeekConfig
 
     c = mem.count(DeepSeekConfig.preset("tiny"))

@@ -151,3 +151,15 @@ def torchrun(args, cwd, nproc: int = 2, timeout: float = 180) -> str:
     assert proc.returncode == 0, (f"torchrun failed or hung ({timeout} s)\nstdout:\n{stdout[-3000:]}\n"
                                   f"stderr:\n{stderr[-6000:]}")
     return stdout
+
+
+def load_module(path, name: str | None = None):
+    """Imports the Python file at ``path`` (a script, a build helper) as a module and returns it."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(name or path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
