@@ -14,11 +14,9 @@
 #include <c10/util/Exception.h>
 
 #include <cstdio>
-#include <optional>
 #include <string>
 #include <string_view>
 #include <type_traits>
-#include <vector>
 
 namespace r1x {
 namespace detail {
@@ -47,17 +45,8 @@ inline void append(std::string& s, c10::IntArrayRef v) {  // "[2, 3]", as c10 pr
   }
   s += ']';
 }
-inline void append(std::string& s, const std::vector<int64_t>& v) { append(s, c10::IntArrayRef(v)); }
 inline void append(std::string& s, at::ScalarType v) { s += c10::toString(v); }
 inline void append(std::string& s, const c10::Device& v) { s += v.str(); }
-template <typename T>
-inline void append(std::string& s, const std::optional<T>& v) {
-  if (v) {
-    append(s, *v);
-  } else {
-    s += "None";
-  }
-}
 
 }  // namespace detail
 
