@@ -2,6 +2,7 @@
 share of it spent in the MoE all-to-all exchanges.
 
     python benchmarks/bench_dist.py [--ranks 1,2,4] [--steps 4] [--out benchmarks/results]
+    python benchmarks/bench_dist.py --overhead [--preset v2-lite] [--tokens 1024,4096,16384]
 
 Each rank count runs under torchrun (gloo on the CPU, one thread per rank; NCCL with one GPU per
 rank when every rank has one), ep = ranks, the `small` preset shortened to --layers layers,
@@ -94,6 +95,72 @@ def worker(args) -> None:
         dist.destroy_process_group()
 
 
+def overhead(args) -> int:
+    """``--overhead``: one process, one MoE layer (``--preset``'s sizes), forward + backward of the
+    plain layer against the same layer made expert-parallel over a group of one: the EP
+    machinery (the count exchange, the split sizes read on the host, the row exchange, the
+    regroup gathers) without any network, i.e. what EP adds on every rank before bandwidth.
+    On one GPU this is the figure that can be measured (EP over one rank is otherwise a no-op)."""
+    import copy
+
+    import torch.distributed as dist
+
+    from r1x.bench.common import format_table, machine_info, write_results
+    from r1x.model import DeepSeekConfig
+    from r1x.nn import MoE
+    from r1x.parallel import expert_parallel
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1, **({"device_id": device} if device.type == "cuda" else {}))
+    c = DeepSeekConfig.preset(args.preset)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    plain = MoE(c.hidden_size, c.moe_intermediate_size, c.n_routed_experts, c.num_experts_per_tok,
+                n_shared_experts=c.n_shared_experts, n_group=c.n_group, topk_group=c.topk_group,
+                score_func=c.scoring_func, norm_topk_prob=c.norm_topk_prob,
+                routed_scaling_factor=c.routed_scaling_factor, bias_update_speed=0.0, dtype=dtype, device=device).train()
+    ep = expert_parallel(copy.deepcopy(plain), dist.group.WORLD)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def timed(layer, x) -> float:
+        times = []
+        for i in range(args.steps + 2):
+            xi = x.detach().requires_grad_()
+            sync()
+            t0 = time.perf_counter()
+            layer(xi).float().sum().backward()
+            sync()
+            if i >= 2:  # two warm-ups
+                times.append(time.perf_counter() - t0)
+            layer.zero_grad(set_to_none=True)
+        return statistics.median(times)
+
+    records = []
+    for t in [int(v) for v in args.tokens.split(",")]:
+        x = torch.randn(t, c.hidden_size, dtype=dtype, device=device)
+        a, b = timed(plain, x), timed(ep, x)
+        records.append({"tokens": t, "plain_s": a, "ep1_s": b, "overhead_s": b - a, "overhead": b / a - 1,
+                        "device": str(device), "preset": args.preset})
+    rows = [[r["tokens"], f"{r['plain_s'] * 1e3:.2f}", f"{r['ep1_s'] * 1e3:.2f}", f"{r['overhead_s'] * 1e3:+.2f}",
+             f"{100 * r['overhead']:+.1f}%"] for r in records]
+    table = format_table(["tokens", "MoE fwd+bwd ms", "EP over 1 rank ms", "EP machinery ms", "overhead"], rows)
+    meta = {**machine_info(device), "layer": f"{args.preset} MoE layer ({c.n_routed_experts} experts, top "
+            f"{c.num_experts_per_tok}, hidden {c.hidden_size}, expert {c.moe_intermediate_size}), {dtype}",
+            "note": "one process: r1x.parallel.expert_parallel over a group of one (no network) against the plain "
+                    "layer; medians of --steps forward+backward passes after two warm-ups"}
+    print(table)
+    dist.destroy_process_group()
+    if args.out:
+        paths = write_results(args.out, f"bench_dist_overhead_{device.type}", meta, records, table)
+        print("wrote", paths["md"])
+    return 0
+
+
 def run(ranks: int, args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         result = os.path.join(tmp, "result.json")
@@ -115,12 +182,19 @@ def main(argv=None) -> int:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--out", default=None, help="write bench_dist_<device>.{json,md} here")
+    p.add_argument("--overhead", action="store_true",
+                   help="one process: the EP machinery's cost over the plain MoE layer (the one-GPU measurement)")
+    p.add_argument("--preset", default="v2-lite", help="--overhead: the MoE layer's sizes (a DeepSeekConfig preset)")
+    p.add_argument("--tokens", default="1024,4096,16384", help="--overhead: token counts")
+    p.add_argument("--device", default=None, help="--overhead: cpu or cuda (default: cuda when available)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         worker(args)
         return 0
+    if args.overhead:
+        return overhead(args)
     from r1x.bench.common import format_table, machine_info, write_results
 
     records = [run(int(r), args) for r in args.ranks.split(",")]

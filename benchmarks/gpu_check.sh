@@ -12,8 +12,8 @@
 #                  R1X_TEST_TIMEOUT per test, SIGINT at the file's limit (pytest still writes
 #                  its junit XML), counts per file from the XML
 #   5. memcheck    compute-sanitizer --tool memcheck over gpu_smoke.py --small, one per family
-#   6. benchmarks  FP8 GEMM, grouped GEMMs, MoE, MLA, model: each only while the deadline leaves
-#                  room for it
+#   6. benchmarks  FP8 GEMM, grouped GEMMs, MoE, EP overhead (bench_dist --overhead), MLA,
+#                  model: each only while the deadline leaves room for it
 #   7. pack        at most 8 files in $OUT: summary.md, logs.tar.gz (build log, every step's
 #                  log, junit XML), results.tar.gz (benchmark JSON/MD/PNG) and the benchmark
 #                  tables (*.md)
@@ -289,10 +289,12 @@ bench() {  # bench NAME LIMIT_S CMD...
 }
 if [ $BUILT = 1 ] && [ $DRY = 1 ]; then
   bench fp8_gemm 60 "$PY" benchmarks/bench_fp8_gemm.py --device cpu --shapes 1x256x256,16x256x512 --budget 0.05 --out "$RES"
+  bench dist 40 "$PY" benchmarks/bench_dist.py --overhead --device cpu --preset tiny --tokens 64 --steps 2 --out "$RES"
 elif [ $BUILT = 1 ]; then
   bench fp8_gemm 100 "$PY" benchmarks/bench_fp8_gemm.py --device cuda --out "$RES" --budget 0.3
   bench grouped_gemm 60 "$PY" benchmarks/bench_grouped_gemm_cuda.py --out "$RES/grouped_gemm_cuda.json"
   bench moe 90 "$PY" benchmarks/bench_moe.py --device cuda --out "$RES" --budget 0.3
+  bench dist 45 "$PY" benchmarks/bench_dist.py --overhead --device cuda --steps 10 --out "$RES"
   bench mla 100 "$PY" benchmarks/bench_mla.py --device cuda --out "$RES" --budget 0.3
   bench model 90 "$PY" benchmarks/bench_model.py --device cuda --out "$RES" --budget 0.3
 else

@@ -80,10 +80,15 @@ def _cmd_pipeline(args) -> int:
         over = QUICK + over
     cfg = PipelineConfig.from_yaml(args.config, over)
     summary = run_pipeline(cfg)
-    print()
-    print(summary["table"])
-    print(f"\n{summary['total_seconds']:.0f} s; wrote {cfg.output_dir}/summary.json, results.md, metrics.jsonl, "
-          + ", ".join(os.path.basename(p) for p in summary.get("plots", [])))
+    from r1x.train.dist import World
+
+    world = World.from_env()
+    if world.is_main:
+        print()
+        print(summary["table"])
+        print(f"\n{summary['total_seconds']:.0f} s; wrote {cfg.output_dir}/summary.json, results.md, metrics.jsonl, "
+              + ", ".join(os.path.basename(p) for p in summary.get("plots", [])))
+    world.close()
     return 0
 
 

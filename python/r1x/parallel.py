@@ -36,7 +36,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["expert_parallel", "parallelize", "clip_grad_norm_", "save_checkpoint", "load_checkpoint"]
+__all__ = ["expert_parallel", "parallelize", "clip_grad_norm_", "save_checkpoint", "load_checkpoint",
+           "full_state_dict", "iter_full_tensors", "global_view"]
 
 
 def expert_parallel(moe: nn.Module, group: dist.ProcessGroup | None = None) -> nn.Module:
@@ -208,6 +209,10 @@ def parallelize(model: nn.Module, *, ep: int = 1, dp_shard: int | None = None, m
 
         layout = torch.arange(world).view(world // ep, ep).t().contiguous()
         model.r1x_expert_mesh = DeviceMesh(device_type, layout, mesh_dim_names=("ep", "edp"))
+        if all((m.n_routed_experts // ep) % (world // ep) == 0 for m in moes):
+            # even edp shards: the same layout as one Shard(0) over the ranks in (ep, edp) order,
+            # which gathers in one all-gather instead of two
+            model.r1x_expert_flat_mesh = DeviceMesh(device_type, layout.reshape(-1), mesh_dim_names=("experts",))
     return model
 
 
@@ -239,23 +244,76 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
     return norm
 
 
+def global_view(model: nn.Module, name: str, t: torch.Tensor, flat: bool = False) -> torch.Tensor:
+    """``t`` (the tensor of ``model``'s parameter or state ``name``, or one shaped like it, e.g.
+    its Adam moment) as a global view: an expert shard under expert parallelism becomes one
+    DTensor over the ``(ep, edp)`` mesh holding every expert, sharing ``t``'s storage; anything
+    else is returned as it is (a DTensor over its own mesh, or a plain tensor). ``flat``: over
+    the same ranks as one mesh dimension where the layout allows (for gathering)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    expert_mesh = getattr(model, "r1x_expert_mesh", None)
+    if expert_mesh is None or ".experts." not in name or not isinstance(t, DTensor):
+        return t
+    e_local, rest = t.shape[0], tuple(t.shape[1:])
+    shape = torch.Size((e_local * expert_mesh.size(0),) + rest)
+    stride = torch.empty(shape, device="meta").stride()
+    flat_mesh = getattr(model, "r1x_expert_flat_mesh", None) if flat else None
+    mesh, placements = (flat_mesh, [Shard(0)]) if flat_mesh is not None else (expert_mesh, [Shard(0), Shard(0)])
+    return DTensor.from_local(t.to_local(), mesh, placements, run_check=False, shape=shape, stride=stride)
+
+
 def _global_state_dict(model: nn.Module) -> dict:
     """``model.state_dict()`` with every sharded tensor as a global view (a DTensor over the
     ranks that hold its parts), so that torch.distributed.checkpoint can save it once and load it
     into any other sharding. The views share the parameters' storage (loading writes into them)."""
-    from torch.distributed.tensor import DTensor, Shard
+    return {name: global_view(model, name, t) for name, t in model.state_dict().items()}
 
-    expert_mesh = getattr(model, "r1x_expert_mesh", None)
-    out = {}
+
+def iter_full_tensors(model: nn.Module):
+    """``(name, tensor)`` for each of ``model.state_dict()``'s entries, unsharded, one at a time
+    (the dense DTensors all-gathered over the world, the experts over the ``(ep, edp)`` mesh): a
+    collective that every rank runs to the end. Plain tensors come as they are (detached)."""
+    from torch.distributed.tensor import DTensor
+
     for name, t in model.state_dict().items():
-        if expert_mesh is not None and ".experts." in name and isinstance(t, DTensor):
-            e_local, rest = t.shape[0], tuple(t.shape[1:])
-            shape = torch.Size((e_local * expert_mesh.size(0),) + rest)
-            stride = torch.empty(shape, device="meta").stride()
-            t = DTensor.from_local(t.to_local(), expert_mesh, [Shard(0), Shard(0)], run_check=False,
-                                   shape=shape, stride=stride)
-        out[name] = t
-    return out
+        t = global_view(model, name, t, flat=True)
+        yield name, (t.full_tensor() if isinstance(t, DTensor) else t.detach())
+
+
+def full_state_dict(model: nn.Module) -> dict:
+    """The whole model's tensors, unsharded, on every rank (``{name: tensor}`` as
+    ``state_dict()`` names them), e.g. to export a sharded run in the HF layout. A collective:
+    every rank calls it. What it costs: the full model in memory on every rank, and one
+    all-gather of it. For a plain model, its own (detached) tensors."""
+    return dict(iter_full_tensors(model))
+
+
+def check_checkpoint_keys(target: dict, path: str, who: str) -> None:
+    """Raise ``ValueError`` when the DCP checkpoint at ``path`` lacks a tensor of ``target``
+    (``{name: tensor}``, nested dicts flattened with dots as DCP does) or holds it with another
+    global shape: a checkpoint of another model config."""
+    import torch.distributed.checkpoint as dcp
+
+    meta = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    flat = {}
+
+    def walk(prefix, d):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(f"{prefix}{k}.", v)
+            else:
+                flat[prefix + k] = v
+
+    walk("", target)
+    missing = sorted(set(flat) - set(meta))
+    wrong = sorted(k for k, t in flat.items() if k in meta and hasattr(meta[k], "size") and hasattr(t, "shape")
+                   and tuple(meta[k].size) != tuple(t.shape))
+    if missing or wrong:
+        k = (missing or wrong)[0]
+        raise ValueError(f"{who}: {path!r} is not a checkpoint of this model: "
+                         + (f"{len(missing)} tensors missing (e.g. {k!r})" if missing else
+                            f"{k!r} is {list(meta[k].size)} there and {list(flat[k].shape)} here"))
 
 
 def save_checkpoint(model: nn.Module, path: str) -> None:
@@ -294,13 +352,5 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
         raise FileNotFoundError(f"load_checkpoint: no checkpoint folder at {path!r}")
     distributed = dist.is_available() and dist.is_initialized()
     target = _global_state_dict(model)
-    meta = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
-    missing = sorted(set(target) - set(meta))
-    wrong = sorted(k for k, t in target.items() if k in meta and hasattr(meta[k], "size")
-                   and tuple(meta[k].size) != tuple(t.shape))
-    if missing or wrong:
-        k = (missing or wrong)[0]
-        raise ValueError(f"load_checkpoint: {path!r} is not a checkpoint of this model: "
-                         + (f"{len(missing)} tensors missing (e.g. {k!r})" if missing else
-                            f"{k!r} is {list(meta[k].size)} there and {list(target[k].shape)} here"))
+    check_checkpoint_keys(target, path, "load_checkpoint")
     dcp.load(target, checkpoint_id=path, no_dist=not distributed)

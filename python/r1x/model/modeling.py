@@ -410,7 +410,10 @@ class DeepSeekForCausalLM(nn.Module):
         hidden = self.model(ids, pos, cu)
         logits = self.lm_head(hidden)
         out_shape = input_ids.shape
-        out = CausalLMOutput(logits=logits.view(*out_shape, -1), hidden_states=hidden.view(*out_shape, -1))
+        # packed [T] input: the [T, V] tensors themselves (no view: FSDP2 warns about a root
+        # module returning one, as an in-place op on it would skip its backward hook)
+        shaped = (lambda t: t) if input_ids.dim() == 1 else (lambda t: t.view(*out_shape, -1))
+        out = CausalLMOutput(logits=shaped(logits), hidden_states=shaped(hidden))
         if lab is None:
             return out
 
@@ -425,7 +428,7 @@ class DeepSeekForCausalLM(nn.Module):
                 h = module(h, embed(_shift(ids, ends, k, 0)), pos, cu)
                 lk = self.lm_head(module.shared_head.norm(h))
                 losses.append(_cross_entropy(lk, _shift(lab, ends, 1 + k, IGNORE_INDEX)))
-                mtp_logits.append(lk.view(*out_shape, -1))
+                mtp_logits.append(shaped(lk))
             out.mtp_loss = torch.stack(losses).mean()
             out.mtp_logits = tuple(mtp_logits)
             loss = loss + self.config.mtp_loss_weight * out.mtp_loss

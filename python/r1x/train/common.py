@@ -16,6 +16,7 @@ checkpoint takes the same steps as one that is not.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -132,6 +133,15 @@ class TrainConfig:
         eval_examples, eval_max_new_tokens: the held-out evaluation's size and length.
         device: ``"auto"`` (this process's GPU when there is one: ``LOCAL_RANK``'s under
             torchrun; else the CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        parallel: how the model is spread over the ranks of ``torchrun``. Empty (the default):
+            DDP (every rank holds the whole model). Any of ``{dp_shard: N, ep: M,
+            mixed_precision: "bfloat16" | "none", reshard_after_forward: bool}``: FSDP2 + expert
+            parallelism (:func:`r1x.parallel.parallelize`): the dense parameters, gradients and
+            Adam state sharded over all ``N`` ranks (``dp_shard`` must be the world size; default:
+            it), the routed experts split over EP groups of ``M`` ranks (default 1) and sharded
+            over the rest; checkpoints with ``torch.distributed.checkpoint`` (resumable on another
+            number of ranks); generation on a gathered copy of the weights (see the README's
+            "Scaling out").
     """
 
     output_dir: str = "r1x-out"
@@ -159,6 +169,7 @@ class TrainConfig:
     eval_examples: int = 200
     eval_max_new_tokens: int = 64
     device: str = "auto"
+    parallel: dict = dataclasses.field(default_factory=dict)
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -209,10 +220,29 @@ class TrainConfig:
         need("output_dir", lambda v: isinstance(v, str) and v != "", "a non-empty path")
         need("device", lambda v: isinstance(v, str) and (v in ("auto", "cpu", "cuda") or v.startswith("cuda:")),
              '"auto", "cpu", "cuda" or "cuda:N"')
+        need("parallel", lambda v: isinstance(v, dict), "a mapping (e.g. {dp_shard: 4, ep: 2})")
+        validate_parallel(type(self).__name__, self.parallel)
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.dtype)
+
+
+PARALLEL_KEYS = {"dp_shard": "a positive integer (the world size)", "ep": "a positive integer",
+                 "mixed_precision": '"bfloat16" or "none"', "reshard_after_forward": "a bool"}
+
+
+def validate_parallel(owner: str, spec: dict) -> None:
+    """Check a ``parallel`` mapping's keys and value types (what needs the world size, e.g.
+    ``dp_shard`` equal to it, is checked when the trainer starts, before anything is written)."""
+    unknown = sorted(set(spec) - set(PARALLEL_KEYS))
+    if unknown:
+        raise ValueError(f"{owner}: `parallel` has unknown key(s) {unknown}; valid: {sorted(PARALLEL_KEYS)}")
+    ok = {"dp_shard": lambda v: is_int(v) and v >= 1, "ep": lambda v: is_int(v) and v >= 1,
+          "mixed_precision": lambda v: v in ("bfloat16", "none", None), "reshard_after_forward": lambda v: isinstance(v, bool)}
+    for k, v in spec.items():
+        if not ok[k](v):
+            raise ValueError(f"{owner}: `parallel.{k}` must be {PARALLEL_KEYS[k]}, got {v!r}")
 
 
 def resolve_device(config: TrainConfig, world=None) -> torch.device:
@@ -374,15 +404,76 @@ class Trainer:
         self.tokenizer = tokenizer
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        self.world = dist.World.from_env()
+        self.world = dist.World.from_env(need_group=bool(config.parallel))
         self.model = model.to(resolve_device(config, self.world))
-        self.ddp_model = self.world.wrap(model)
+        self.parallel = bool(config.parallel)
+        self._replica = None  # under `parallel`: a plain copy of the model for generation and export
+        self._replica_step = None
+        if self.parallel:
+            self._replica = copy.deepcopy(self.model).to("meta")  # materialised on first use
+            self._parallelize()
+            self.ddp_model = self.model
+        else:
+            self.ddp_model = self.world.wrap(model)
         self.optimizer = self._build_optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
         self.step = 0
         self.history: list[dict] = []
         self.last_checkpoint: str | None = None
         self._log_path = os.path.join(config.output_dir, "metrics.jsonl")
+
+    # -- parallelism -------------------------------------------------------------------------
+    def _parallelize(self) -> None:
+        """FSDP2 + EP over the world as ``config.parallel`` says (errors before anything is written)."""
+        from r1x.parallel import parallelize
+
+        spec = self.config.parallel
+        mp = None
+        if spec.get("mixed_precision") == "bfloat16":
+            from torch.distributed.fsdp import MixedPrecisionPolicy
+
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if self.config.fp8:
+            raise ValueError(f"{type(self).__name__}: `fp8` training under `parallel` (FSDP2) is not supported yet; "
+                             "use DDP (no `parallel`) for FP8 training")
+        try:
+            parallelize(self.model, ep=spec.get("ep", 1), dp_shard=spec.get("dp_shard"), mp_policy=mp,
+                        reshard_after_forward=spec.get("reshard_after_forward", True))
+        except (TypeError, ValueError) as e:
+            msg = str(e).removeprefix("parallelize: ")
+            raise ValueError(f"{type(self).__name__}: `parallel` = {spec}: {msg}") from None
+        self.log_line(f"FSDP2 + EP: {self.world.world_size} rank(s), mesh (edp, ep) = "
+                      f"{tuple(self.model.r1x_mesh.shape)}")
+
+    def generation_model(self):
+        """The model to generate with (rollouts, evaluation) and to export: ``self.model``
+        itself, or under ``parallel`` a plain copy on every rank refreshed from the shards once
+        per optimizer step (an all-gather of the whole model: a collective, so every rank calls
+        this at the same points). Generation then needs no collectives and each rank samples its
+        own prompts at its own pace; the cost is a full copy of the weights on every rank."""
+        if not self.parallel:
+            return self.model
+        if self._replica_step != self.step:
+            from r1x.parallel import iter_full_tensors
+
+            rep = self._replica
+            if next(rep.parameters()).is_meta:
+                rep.to_empty(device=self.model.device)
+                rep.eval().requires_grad_(False)
+            mine = rep.state_dict()
+            with torch.no_grad():
+                for name, t in iter_full_tensors(self.model):
+                    mine[name].copy_(t)
+                targets = dict(rep.named_buffers())
+                for name, b in self.model.named_buffers():  # the non-persistent ones (rotary tables)
+                    targets[name].copy_(b)
+            self._replica_step = self.step
+        return self._replica
+
+    def plain_copy(self):
+        """A plain (not parallelized, not wrapped) copy of the model with its current weights,
+        e.g. GRPO's frozen reference (under ``parallel``: gathered, a collective)."""
+        return copy.deepcopy(self.generation_model())
 
     # -- optimisation ------------------------------------------------------------------------
     def _build_optimizer(self) -> torch.optim.Optimizer:
@@ -419,8 +510,12 @@ class Trainer:
         pass
 
     def save_model(self, path: str) -> None:
-        """The stage's model in the HF layout (``save_pretrained``) plus the tokenizer."""
-        self.model.save_pretrained(path)
+        """The stage's model in the HF layout (``save_pretrained``) plus the tokenizer. Under
+        ``parallel`` every rank calls it (the weights are gathered) and rank 0 writes."""
+        model = self.generation_model()
+        if not self.world.is_main:
+            return
+        model.save_pretrained(path)
         if self.tokenizer is not None and hasattr(self.tokenizer, "save"):
             self.tokenizer.save(path)
 
@@ -451,9 +546,16 @@ class Trainer:
 
     def save_checkpoint(self) -> str:
         """Write ``output_dir/checkpoint-<step>`` atomically: everything goes to a temporary
-        folder first, which is then renamed (a crash leaves the previous checkpoint intact)."""
+        folder first, which is then renamed (a crash leaves the previous checkpoint intact).
+
+        DDP / one process: one ``trainer_state.pt`` with everything. Under ``parallel``: the
+        weights and the Adam state with ``torch.distributed.checkpoint`` in ``dcp/`` (each
+        rank writes its shards; loadable on any other number of ranks), ``trainer_state.pt``
+        with the rest, and ``rank<r>.pt`` with each rank's own state (RNG, an in-flight rollout)."""
         path = os.path.join(self.config.output_dir, f"{CHECKPOINT_PREFIX}{self.step}")
-        if self.world.is_main:
+        if self.parallel:
+            self._save_sharded(path)
+        elif self.world.is_main:
             tmp = path + f".tmp-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
@@ -461,36 +563,135 @@ class Trainer:
                 "step": self.step,
                 "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "history": self.history,
-                "config": _portable(self.config.to_dict()),
+                **self._common_state(),
                 "extra": self.state_extra(),
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+                "rng": _rng_state(),
             }
             torch.save(state, os.path.join(tmp, STATE_FILE))
-            self.model.config.to_json_file(os.path.join(tmp, "config.json"))
-            if os.path.exists(path):
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-            limit = self.config.save_total_limit
-            if limit:
-                for old in self._checkpoints()[:-limit]:
-                    shutil.rmtree(old, ignore_errors=True)
+            self._publish(tmp, path)
         self.world.barrier()
         self.last_checkpoint = path
         return path
 
+    def _common_state(self) -> dict:
+        return {"scheduler": self.scheduler.state_dict(), "history": self.history,
+                "config": _portable(self.config.to_dict())}
+
+    def _publish(self, tmp: str, path: str) -> None:
+        """Rank 0: add config.json to the finished ``tmp``, rename it to ``path``, rotate."""
+        self.model.config.to_json_file(os.path.join(tmp, "config.json"))
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        limit = self.config.save_total_limit
+        if limit:
+            for old in self._checkpoints()[:-limit]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def _sharded_state(self) -> dict:
+        """What DCP saves and loads: the weights and the optimizer state, each tensor as a
+        global view (the experts over the (ep, edp) mesh), keyed by parameter name. The views
+        share storage with the live tensors, so loading writes into them."""
+        from r1x.parallel import _global_state_dict, global_view
+
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        optim = {}
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                st = self.optimizer.state.get(p)
+                if st:
+                    n = names[id(p)]
+                    optim[n] = {k: global_view(self.model, n, v) for k, v in st.items() if torch.is_tensor(v)}
+        return {"model": _global_state_dict(self.model), "optim": optim}
+
+    def _save_sharded(self, path: str) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        tmp = path + ".tmp-dcp"  # one name every rank agrees on
+        if self.world.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        self.world.barrier()
+        dcp.save(self._sharded_state(), checkpoint_id=os.path.join(tmp, "dcp"))
+        torch.save({"extra": self.state_extra(), "rng": _rng_state()}, os.path.join(tmp, f"rank{self.world.rank}.pt"))
+        self.world.barrier()
+        if self.world.is_main:
+            groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+            torch.save({"step": self.step, "format": "dcp", "world_size": self.world.world_size,
+                        "parallel": dict(self.config.parallel), "param_groups": groups, **self._common_state()},
+                       os.path.join(tmp, STATE_FILE))
+            self._publish(tmp, path)
+
+    def _check_model_config(self, path: str) -> None:
+        """A checkpoint of another model config is a ``ValueError`` naming the first field
+        that differs (before anything is loaded or written)."""
+        f = os.path.join(path, "config.json")
+        if not (os.path.exists(f) and hasattr(self.model, "config")):
+            return
+        with open(f, encoding="utf-8") as fh:
+            theirs = json.load(fh)
+        mine = json.loads(json.dumps(self.model.config.to_dict()))
+        for k in sorted(set(theirs) | set(mine)):
+            if k not in ("torch_dtype", "transformers_version") and theirs.get(k) != mine.get(k):
+                raise ValueError(f"{type(self).__name__}: checkpoint {path!r} is of another model: its config has "
+                                 f"{k} = {theirs.get(k)!r}, this model {mine.get(k)!r}")
+
     def load_checkpoint(self, path: str) -> None:
+        self._check_model_config(path)
         state = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("format") == "dcp":
+            self._load_sharded(path, state)
+        elif self.parallel:
+            raise ValueError(f"{type(self).__name__}: checkpoint {path!r} was written without `parallel` (one file, "
+                             "DDP or one process); resume it without `parallel`, then train on with it")
+        else:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            _set_rng_state(state["rng"])
+            self.load_state_extra(state["extra"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.history = list(state["history"])
         self.step = int(state["step"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        self.load_state_extra(state["extra"])
+        self._replica_step = None
         self.last_checkpoint = path
+
+    def _init_optimizer_state(self) -> None:
+        """AdamW's state as its first step creates it (zeros), for DCP to load into."""
+        if not isinstance(self.optimizer, torch.optim.AdamW):
+            raise TypeError(f"{type(self).__name__}: sharded checkpoints know AdamW's state only, "
+                            f"not {type(self.optimizer).__name__}'s")
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                st = self.optimizer.state[p]
+                if not st:
+                    st["step"] = torch.tensor(0.0)
+                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _load_sharded(self, path: str, state: dict) -> None:
+        """A ``parallel`` checkpoint into this run, whatever its number of ranks and mesh (DCP
+        reshards); also into a DDP or one-process run."""
+        import torch.distributed as tdist
+        import torch.distributed.checkpoint as dcp
+
+        from r1x.parallel import check_checkpoint_keys
+
+        self._init_optimizer_state()
+        target = self._sharded_state()
+        check_checkpoint_keys(target, os.path.join(path, "dcp"), type(self).__name__)
+        dcp.load(target, checkpoint_id=os.path.join(path, "dcp"),
+                 no_dist=not (tdist.is_available() and tdist.is_initialized()))
+        for g, saved in zip(self.optimizer.param_groups, state["param_groups"]):
+            g.update(saved)
+        mine = os.path.join(path, f"rank{self.world.rank}.pt")
+        if state["world_size"] == self.world.world_size and os.path.exists(mine):
+            own = torch.load(mine, map_location="cpu", weights_only=False)
+            _set_rng_state(own["rng"])
+            self.load_state_extra(own["extra"])
+        else:
+            self.log_line(f"resharded: {path} was written by {state['world_size']} rank(s), this run has "
+                          f"{self.world.world_size}; weights and optimizer state loaded, the per-rank state "
+                          "(RNG, an in-flight rollout) starts afresh")
 
     def _resume(self) -> None:
         r = self.config.resume
@@ -506,6 +707,7 @@ class Trainer:
         # the metrics file continues from the checkpoint: drop lines logged after it
         if self.world.is_main:
             self._remove_stale(checkpoints=False)
+            os.makedirs(self.config.output_dir, exist_ok=True)
             keep = [json.dumps(h) for h in self.history]
             _atomic_write(self._log_path, "".join(k + "\n" for k in keep))
         self.log_line(f"resumed from {path} at step {self.step}")
@@ -528,8 +730,8 @@ class Trainer:
         logged records (also in ``output_dir/metrics.jsonl``). The final model is saved to
         ``output_dir/final``."""
         cfg = self.config
+        self._resume()  # first: a checkpoint that does not fit raises before anything is written
         os.makedirs(cfg.output_dir, exist_ok=True)
-        self._resume()
         if self.step == 0 and self.world.is_main:
             # a fresh run replaces an earlier run's output in this folder: its metrics, and its
             # checkpoints (a later `resume` would pick those up; the rotation would keep them)
@@ -572,20 +774,32 @@ class Trainer:
         if bar is not None:
             bar.close()
         self.save_checkpoint()
-        if self.world.is_main:
-            self.save_model(os.path.join(cfg.output_dir, "final"))
+        self.save_model(os.path.join(cfg.output_dir, "final"))
         self.world.barrier()
         return self.history
 
     progress_keys = ("loss",)
 
     def _clip(self) -> float:
+        if self.parallel:
+            from r1x.parallel import clip_grad_norm_
+
+            return float(clip_grad_norm_(self.model, self.config.max_grad_norm or math.inf))
         params = [p for p in self.model.parameters() if p.grad is not None]
         if not params:
             return 0.0
         if self.config.max_grad_norm > 0:
             return float(torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm, foreach=False))
         return float(torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in params])))
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+
+def _set_rng_state(rng: dict) -> None:
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
 
 
 def _portable(obj):

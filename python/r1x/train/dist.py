@@ -35,10 +35,18 @@ class World:
         return local <= torch.cuda.device_count()
 
     @classmethod
-    def from_env(cls) -> "World":
+    def from_env(cls, need_group: bool = False) -> "World":
+        """This process's world; with ``need_group`` a single process (no torchrun) gets a
+        process group of one too (FSDP2 needs one), on its GPU when it has one."""
         n = int(os.environ.get("WORLD_SIZE", "1"))
         if n <= 1:
-            return cls()
+            if not need_group:
+                return cls()
+            if tdist.is_initialized():
+                return cls(use_cuda=tdist.get_backend() == "nccl")
+            use_cuda = torch.cuda.is_available()
+            tdist.init_process_group("nccl" if use_cuda else "gloo", store=tdist.HashStore(), rank=0, world_size=1)
+            return cls(use_cuda=use_cuda)
         if tdist.is_initialized():
             use_cuda = tdist.get_backend() == "nccl"
         else:
@@ -79,7 +87,7 @@ class World:
     def close(self) -> None:
         """Wait for the other ranks, then end the process group: a process that exits with it
         alive can abort in gloo's teardown ("terminate called without an active exception")."""
-        if self.distributed and tdist.is_initialized():
+        if tdist.is_available() and tdist.is_initialized():
             tdist.barrier()
             tdist.destroy_process_group()
 

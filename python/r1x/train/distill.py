@@ -311,7 +311,7 @@ class DistillTrainer(SFTTrainer):
                 prompts.append(ids[:k])
                 comps.append(ids[k:])
             if on_policy:
-                comps = self.model.generate(prompts, cfg.max_new_tokens, temperature=1.0,
+                comps = self.generation_model().generate(prompts, cfg.max_new_tokens, temperature=1.0,
                                             seed=cfg.seed * 7919 + step * 131 + micro,
                                             max_batch=cfg.per_device_train_batch_size)
                 self.model.train()

@@ -8,7 +8,6 @@ clip-ratio metrics), as pure functions of tensors: no model, no optimizer, no pr
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 from typing import Any
@@ -429,7 +428,7 @@ class GRPOTrainer(Trainer):
         self.eval_dataset = eval_dataset
         self.ref_model = None
         if config.beta > 0:
-            self.ref_model = ref_model if ref_model is not None else copy.deepcopy(model)
+            self.ref_model = ref_model if ref_model is not None else self.plain_copy()
             self.ref_model.eval().requires_grad_(False)
         self._rollout: Rollout | None = None
         if not config.moe_bias_update:
@@ -463,7 +462,7 @@ class GRPOTrainer(Trainer):
         eos = tok.eos_token_id
         examples = self._prompts_for(rollout_idx)
         rows, prompts, outs, texts, columns = sample_completions(
-            self.model, tok, examples, cfg.max_completion_length, num_samples=G, template_kwargs=cfg.template_kwargs,
+            self.generation_model(), tok, examples, cfg.max_completion_length, num_samples=G, template_kwargs=cfg.template_kwargs,
             temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
             seed=(cfg.seed * 1_000_003 + rollout_idx) * 64 + self.world.rank, max_batch=cfg.generation_batch_size)
         self.model.train()
@@ -514,8 +513,9 @@ class GRPOTrainer(Trainer):
         if comps and cfg.num_iterations > 1:
             # in eval mode, as the sampling ran: a training-mode forward has side effects (the
             # MoE's aux-loss-free bias update) that would move the policy before its first step
+            policy = self.generation_model()  # under `parallel`: the gathered copy (no collectives)
             self.model.eval()
-            old, _ = sequence_logps(self.model, prompts, comps, temperature=cfg.temperature)
+            old, _ = sequence_logps(policy, prompts, comps, temperature=cfg.temperature)
             self.model.train()
         if comps and self.ref_model is not None:
             ref, _ = sequence_logps(self.ref_model, prompts, comps, temperature=cfg.temperature)

@@ -82,6 +82,8 @@ class PipelineConfig:
             unfinished one continues from its newest checkpoint.
         save_steps: checkpoint every N steps in each stage (0: only at the end).
         progress: progress bars.
+        parallel: every stage's ``parallel`` (see :class:`r1x.train.TrainConfig`): e.g.
+            ``{ep: 2}`` for FSDP2 + expert parallelism under ``torchrun``; empty: DDP.
     """
 
     output_dir: str = "r1x-pipeline"
@@ -103,6 +105,7 @@ class PipelineConfig:
     resume: bool = False
     save_steps: int = 50
     progress: bool = True
+    parallel: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_yaml(cls, path=None, overrides: list[str] | None = None) -> "PipelineConfig":
@@ -144,7 +147,7 @@ class PipelineConfig:
                     task_kwargs=self.resolved_task_kwargs(), eval_examples=self.eval_examples,
                     eval_max_new_tokens=self.eval_max_new_tokens, dtype=self.dtype, fp8=self.fp8,
                     num_threads=self.num_threads, save_steps=self.save_steps, progress=self.progress,
-                    resume=self.resume)
+                    resume=self.resume, parallel=copy.deepcopy(self.parallel))
         key = "distill" if stage in ("distill",) else ("grpo" if stage.startswith("baseline_grpo") else stage)
         key = "sft" if stage == "baseline_sft" else key
         own = getattr(self, key)
@@ -206,6 +209,11 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict:
     from r1x.train.sft import default_rewards
 
     cfg.validate()
+    # under torchrun every rank runs the stages; rank 0 alone evaluates and writes the summary
+    main = int(os.environ.get("RANK", "0")) == 0
+    if not main:
+        def log(*args, **kwargs):
+            pass
     t_start = time.perf_counter()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -220,6 +228,8 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict:
         summary["stages"], summary["seconds"] = old.get("stages", {}), old.get("seconds", {})
 
     def save_summary():
+        if not main:
+            return
         tmp = sum_path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
@@ -241,10 +251,13 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict:
             trainer.train()
             summary["seconds"][name] = round(time.perf_counter() - t0, 1)
             del trainer
-        if name not in summary["stages"] or not cfg.resume:
+        if main and (name not in summary["stages"] or not cfg.resume):
             summary["stages"][name] = _evaluate(path, cfg, held_out, rewards)
             summary["stages"][name]["seconds"] = summary["seconds"].get(name)
         save_summary()
+        _barrier()  # the other ranks wait for rank 0's evaluation
+        if not main:
+            return _final(path)
         log(f"   {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in summary["stages"][name].items()
                                        if isinstance(v, float)))
         return _final(path)
@@ -271,6 +284,8 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict:
         bgrpo = GRPOConfig.from_dict({**cfg.stage_dict("baseline_grpo"), "model": bsft_final, "max_time": left})
         stage("baseline_grpo", lambda: GRPOTrainer(bgrpo))
     summary["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    if not main:
+        return summary
     save_summary()
     _merge_metrics(out)
     summary["table"] = results_table(summary)
@@ -282,6 +297,13 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> dict:
         summary["plots"] = []
     save_summary()
     return summary
+
+
+def _barrier() -> None:
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.barrier()
 
 
 def _merge_metrics(out: str) -> None:

@@ -226,7 +226,7 @@ def evaluate_stage(trainer) -> dict:
 
     data = trainer.world.shard(trainer.eval_dataset[: cfg.eval_examples])
     was = trainer.model.training
-    res = evaluate_generations(trainer.model, trainer.tokenizer, data, trainer.reward_funcs,
+    res = evaluate_generations(trainer.generation_model(), trainer.tokenizer, data, trainer.reward_funcs,
                                max_new_tokens=cfg.eval_max_new_tokens, template_kwargs=cfg.template_kwargs)
     trainer.model.train(was)
     if not trainer.world.distributed:
