@@ -148,10 +148,14 @@ SFT_COMMON = dict(per_device_train_batch_size=4, num_train_examples=32, gradient
                   model_overrides={"bias_update_speed": 0.0}, learning_rate=3e-3)  # as the script's
 
 
-def final_weights(out):
+def weights_in(folder):
     from r1x.model import DeepSeekForCausalLM
 
-    return DeepSeekForCausalLM.from_pretrained(Path(out) / "final").state_dict()
+    return DeepSeekForCausalLM.from_pretrained(folder).state_dict()
+
+
+def final_weights(out):
+    return weights_in(Path(out) / "final")
 
 
 @needs_gloo
@@ -167,6 +171,15 @@ def test_sft_under_fsdp2_ep_matches_ddp_and_reshards(tmp_path):
     ckpt = tmp_path / "fsdp" / "checkpoint-2"
     assert sorted(os.listdir(ckpt)) == ["config.json", "dcp", "rank0.pt", "rank1.pt", "trainer_state.pt"]
     want = final_weights(tmp_path / "at2")
+    # the sharded checkpoint in the HF layout, in this process: the step-2 weights exactly
+    from r1x.cli import main as cli
+
+    assert cli(["export", str(ckpt), str(tmp_path / "exported")]) == 0
+    got = weights_in(tmp_path / "exported")
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert sorted(os.listdir(tmp_path / "exported")) == sorted(os.listdir(tmp_path / "at2" / "final"))
+    with pytest.raises(SystemExit, match="not a trainer checkpoint"):
+        cli(["export", str(tmp_path), str(tmp_path / "nothing")])
     for name, spec in (("one_fsdp", {"ep": 1}), ("one_plain", {})):
         t = SFTTrainer(SFTConfig(output_dir=str(tmp_path / name), max_steps=2, resume=str(ckpt), parallel=spec,
                                  **SFT_COMMON))
@@ -252,3 +265,12 @@ def test_pipeline_under_torchrun_with_fsdp2_ep(tmp_path):
         ckpts = [n for n in os.listdir(out / stage) if n.startswith("checkpoint-")]
         assert ckpts and all((out / stage / n / "dcp").is_dir() for n in ckpts), (stage, ckpts)
     assert (out / "results.md").exists()
+
+
+@needs_gloo
+def test_grpo_resume_mid_rollout_is_exact_under_ddp_and_fsdp2(tmp_path):
+    """Each rank's in-flight rollout and RNG are checkpointed as its own (rank<r>.pt): a GRPO run
+    resumed between the two iterations of a rollout repeats the uninterrupted run exactly."""
+    out = torchrun([str(TRAINER_SCRIPT), "grpo_resume", str(tmp_path)], cwd=tmp_path, nproc=2, timeout=600)
+    assert "GRPO resume OK ddp" in out and "GRPO resume OK fsdp" in out, out[-3000:]
+    assert sorted(os.listdir(tmp_path / "ddp" / "checkpoint-1")) == ["config.json", "rank1.pt", "trainer_state.pt"]

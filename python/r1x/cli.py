@@ -5,6 +5,9 @@
                              the tiny model on 3-digit arithmetic, about 7 minutes on 2 CPU cores)
     r1x sft|grpo|distill [--config FILE] [--output-dir DIR] [--resume] [key=value ...]
                              one stage (torchrun --nproc_per_node N -m r1x.cli ... for DDP)
+    r1x export CHECKPOINT OUT
+                             a trainer checkpoint (DDP or FSDP2 + EP, any number of ranks) in
+                             the HF layout, in one process
     r1x info                 what r1x was built with and what this machine offers
     r1x bench [--op fp8_gemm|moe|mla|model|all] [--isa amx|avx512|avx2|generic] [--shapes MxNxK,...]
               [--tokens T,...] [--out DIR]
@@ -58,6 +61,16 @@ def _cmd_bench(args) -> int:
             res = model_bench.run(device, args.full, args.out, args.budget)
         for kind, path in res.get("paths", {}).items():
             print(f"wrote {path}")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from r1x.train.common import export_checkpoint
+
+    try:
+        print(f"wrote {export_checkpoint(args.checkpoint, args.out)}")
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"r1x export: {e}") from None
     return 0
 
 
@@ -119,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="r1x", description="r1x: kernels and the DeepSeek-R1 recipe")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="build and machine information").set_defaults(func=_cmd_info)
+    ex = sub.add_parser("export", help="a trainer checkpoint in the HF layout")
+    ex.add_argument("checkpoint", help="a checkpoint-<step> folder (written with or without `parallel`)")
+    ex.add_argument("out", help="the output folder")
+    ex.set_defaults(func=_cmd_export)
     b = sub.add_parser("bench", help="microbenchmarks against baselines")
     b.add_argument("--op", choices=("all",) + BENCHMARKS, default="all")
     b.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")

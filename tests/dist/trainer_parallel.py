@@ -6,6 +6,9 @@ losses, gradient norms and final weights (to fp32 rounding); a run resumed from 
 step-2 checkpoint continues bit-identically; a run resumed there and stopped at step 2 exports
 the step-2 weights (for the single-process resharding check in the test).
 
+``grpo_resume OUT``: GRPO resumed between the two iterations of a rollout, under DDP and FSDP2 +
+EP: the uninterrupted run's losses exactly.
+
 ``distill OUT``: token-level distillation under DDP and under FSDP2 + EP: the same losses.
 
 ``grpo OUT``: a tiny GRPO run with a rule reward (the share of digits in the completion) under
@@ -112,6 +115,32 @@ def grpo(out):
     trainer.world.close()
 
 
+def grpo_resume(out):
+    """GRPO with two iterations per rollout, under DDP and under FSDP2 + EP: a run resumed from
+    the step-1 checkpoint (taken between the two iterations: each rank's rollout is in flight)
+    repeats the uninterrupted run's losses exactly."""
+    rank = dist.get_rank() if dist.is_initialized() else int(os.environ["RANK"])
+
+    def digits(prompts, completions, **kw):
+        return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+
+    common = dict(max_steps=3, per_device_train_batch_size=8, num_generations=4, max_completion_length=6,
+                  num_train_examples=16, num_iterations=2, beta=0.02, logging_steps=1, progress=False,
+                  num_threads=1, save_steps=1, save_total_limit=0)
+    for name, spec in (("ddp", {}), ("fsdp", {"ep": 2})):
+        a = GRPOTrainer(GRPOConfig(output_dir=os.path.join(out, name), parallel=spec, **common), reward_funcs=[digits])
+        ha = a.train()
+        b = GRPOTrainer(GRPOConfig(output_dir=os.path.join(out, name + "-resumed"), parallel=spec,
+                                   resume=os.path.join(out, name, "checkpoint-1"), **common), reward_funcs=[digits])
+        hb = b.train()
+        got = [(r["step"], r["loss"], r["reward"]) for r in hb]
+        want = [(r["step"], r["loss"], r["reward"]) for r in ha]
+        assert got == want, (name, rank, got, want)
+        if rank == 0:
+            print(f"GRPO resume OK {name}", flush=True)
+    b.world.close()
+
+
 def distill(out):
     """Token-level distillation (on the student's own samples half of the steps) under DDP and
     under FSDP2 + EP: the same losses. The teacher's data is the train set's own completions (an
@@ -142,4 +171,4 @@ def distill(out):
 
 
 if __name__ == "__main__":
-    {"sft": sft, "grpo": grpo, "distill": distill}[sys.argv[1]](sys.argv[2])
+    {"sft": sft, "grpo": grpo, "grpo_resume": grpo_resume, "distill": distill}[sys.argv[1]](sys.argv[2])

@@ -33,7 +33,7 @@ from r1x.train import dist
 
 __all__ = ["TrainConfig", "Trainer", "NonFiniteLossError", "evaluate_generations", "pack_sequences",
            "sequence_logps", "completion_logits", "reward_name", "decode_completion", "sample_completions", "Samples", "yaml_load",
-           "CHECKPOINT_PREFIX"]
+           "CHECKPOINT_PREFIX", "export_checkpoint"]
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.pt"
@@ -555,10 +555,20 @@ class Trainer:
         path = os.path.join(self.config.output_dir, f"{CHECKPOINT_PREFIX}{self.step}")
         if self.parallel:
             self._save_sharded(path)
-        elif self.world.is_main:
-            tmp = path + f".tmp-{os.getpid()}"
+            self.world.barrier()
+            self.last_checkpoint = path
+            return path
+        tmp = path + ".tmp-save"  # one name every rank agrees on
+        if self.world.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
+        if self.world.distributed:  # every rank's own state: its RNG, an in-flight rollout
+            self.world.barrier()
+            if not self.world.is_main:
+                torch.save({"extra": self.state_extra(), "rng": _rng_state()},
+                           os.path.join(tmp, f"rank{self.world.rank}.pt"))
+            self.world.barrier()
+        if self.world.is_main:
             state = {
                 "step": self.step,
                 "model": self.model.state_dict(),
@@ -566,6 +576,7 @@ class Trainer:
                 **self._common_state(),
                 "extra": self.state_extra(),
                 "rng": _rng_state(),
+                "world_size": self.world.world_size,
             }
             torch.save(state, os.path.join(tmp, STATE_FILE))
             self._publish(tmp, path)
@@ -647,21 +658,30 @@ class Trainer:
         else:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
-            _set_rng_state(state["rng"])
-            self.load_state_extra(state["extra"])
+            own = state  # rank 0's; another rank's own when the world is the same
+            mine = os.path.join(path, f"rank{self.world.rank}.pt")
+            if self.world.rank and state.get("world_size") == self.world.world_size and os.path.exists(mine):
+                own = torch.load(mine, map_location="cpu", weights_only=False)
+            _set_rng_state(own["rng"])
+            self.load_state_extra(own["extra"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.history = list(state["history"])
         self.step = int(state["step"])
         self._replica_step = None
         self.last_checkpoint = path
 
-    def _init_optimizer_state(self) -> None:
-        """AdamW's state as its first step creates it (zeros), for DCP to load into."""
+    def _init_optimizer_state(self, saved: set) -> None:
+        """AdamW's state as its first step creates it (zeros), for DCP to load into, for the
+        parameters that have one in the checkpoint (``saved``: its keys; a parameter that never
+        had a gradient, e.g. the MTP modules in GRPO, has none)."""
         if not isinstance(self.optimizer, torch.optim.AdamW):
             raise TypeError(f"{type(self).__name__}: sharded checkpoints know AdamW's state only, "
                             f"not {type(self.optimizer).__name__}'s")
+        names = {id(p): n for n, p in self.model.named_parameters()}
         for group in self.optimizer.param_groups:
             for p in group["params"]:
+                if f"optim.{names[id(p)]}.exp_avg" not in saved:
+                    continue
                 st = self.optimizer.state[p]
                 if not st:
                     st["step"] = torch.tensor(0.0)
@@ -676,7 +696,8 @@ class Trainer:
 
         from r1x.parallel import check_checkpoint_keys
 
-        self._init_optimizer_state()
+        meta = dcp.FileSystemReader(os.path.join(path, "dcp")).read_metadata().state_dict_metadata
+        self._init_optimizer_state(set(meta))
         target = self._sharded_state()
         check_checkpoint_keys(target, os.path.join(path, "dcp"), type(self).__name__)
         dcp.load(target, checkpoint_id=os.path.join(path, "dcp"),
@@ -791,6 +812,39 @@ class Trainer:
         if self.config.max_grad_norm > 0:
             return float(torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm, foreach=False))
         return float(torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in params])))
+
+
+def export_checkpoint(path: str, out: str) -> str:
+    """Write a trainer checkpoint (``checkpoint-<step>/``, written with or without ``parallel``,
+    on any number of ranks) in the HF layout (``save_pretrained`` plus the tokenizer) to
+    ``out``, in one process (the whole model in this process's memory). Returns ``out``."""
+    from r1x.model import DeepSeekConfig, DeepSeekForCausalLM
+    from r1x.model.tokenizer import ByteTokenizer, load_tokenizer
+
+    state_file = os.path.join(path, STATE_FILE)
+    if not os.path.exists(state_file):
+        raise FileNotFoundError(f"export_checkpoint: {path!r} is not a trainer checkpoint (no {STATE_FILE})")
+    state = torch.load(state_file, map_location="cpu", weights_only=False)
+    cfg = state.get("config", {})
+    with torch.random.fork_rng(devices=[]):
+        model = DeepSeekForCausalLM(DeepSeekConfig.from_json_file(path), dtype=getattr(torch, cfg.get("dtype", "float32")))
+    if cfg.get("fp8"):
+        model.to_fp8(freeze=False)
+    if state.get("format") == "dcp":
+        import torch.distributed.checkpoint as dcp
+
+        from r1x.parallel import check_checkpoint_keys
+
+        target = {"model": model.state_dict()}  # views of the model's tensors: loaded in place
+        check_checkpoint_keys(target, os.path.join(path, "dcp"), "export_checkpoint")
+        dcp.load(target, checkpoint_id=os.path.join(path, "dcp"), no_dist=True)
+    else:
+        model.load_state_dict(state["model"])
+    model.save_pretrained(out)
+    spec = cfg.get("model")
+    tok = load_tokenizer(spec) if isinstance(spec, str) and os.path.isdir(spec) else ByteTokenizer()
+    tok.save(out)
+    return out
 
 
 def _rng_state() -> dict:
