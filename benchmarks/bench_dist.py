@@ -127,23 +127,29 @@ def overhead(args) -> int:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    def timed(layer, x) -> float:
-        times = []
+    def once(layer, x) -> float:
+        xi = x.detach().requires_grad_()
+        sync()
+        t0 = time.perf_counter()
+        layer(xi).float().sum().backward()
+        sync()
+        layer.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    def timed(x) -> tuple[float, float]:
+        """Medians, the two layers alternating rep by rep (a drifting machine biases neither)."""
+        ta, tb = [], []
         for i in range(args.steps + 2):
-            xi = x.detach().requires_grad_()
-            sync()
-            t0 = time.perf_counter()
-            layer(xi).float().sum().backward()
-            sync()
+            a, b = once(plain, x), once(ep, x)
             if i >= 2:  # two warm-ups
-                times.append(time.perf_counter() - t0)
-            layer.zero_grad(set_to_none=True)
-        return statistics.median(times)
+                ta.append(a)
+                tb.append(b)
+        return statistics.median(ta), statistics.median(tb)
 
     records = []
     for t in [int(v) for v in args.tokens.split(",")]:
         x = torch.randn(t, c.hidden_size, dtype=dtype, device=device)
-        a, b = timed(plain, x), timed(ep, x)
+        a, b = timed(x)
         records.append({"tokens": t, "plain_s": a, "ep1_s": b, "overhead_s": b - a, "overhead": b / a - 1,
                         "device": str(device), "preset": args.preset})
     rows = [[r["tokens"], f"{r['plain_s'] * 1e3:.2f}", f"{r['ep1_s'] * 1e3:.2f}", f"{r['overhead_s'] * 1e3:+.2f}",
@@ -152,7 +158,7 @@ def overhead(args) -> int:
     meta = {**machine_info(device), "layer": f"{args.preset} MoE layer ({c.n_routed_experts} experts, top "
             f"{c.num_experts_per_tok}, hidden {c.hidden_size}, expert {c.moe_intermediate_size}), {dtype}",
             "note": "one process: r1x.parallel.expert_parallel over a group of one (no network) against the plain "
-                    "layer; medians of --steps forward+backward passes after two warm-ups"}
+                    "layer; medians of --steps forward+backward passes after two warm-ups, the two layers alternating"}
     print(table)
     dist.destroy_process_group()
     if args.out:

@@ -274,3 +274,18 @@ def test_grpo_resume_mid_rollout_is_exact_under_ddp_and_fsdp2(tmp_path):
     out = torchrun([str(TRAINER_SCRIPT), "grpo_resume", str(tmp_path)], cwd=tmp_path, nproc=2, timeout=600)
     assert "GRPO resume OK ddp" in out and "GRPO resume OK fsdp" in out, out[-3000:]
     assert sorted(os.listdir(tmp_path / "ddp" / "checkpoint-1")) == ["config.json", "rank1.pt", "trainer_state.pt"]
+
+
+@needs_gloo
+def test_bench_dist_overhead_runs(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_dist.py"
+    r = subprocess.run([sys.executable, str(script), "--overhead", "--preset", "tiny", "--tokens", "16,64", "--steps", "1",
+                        "--device", "cpu", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads((tmp_path / "bench_dist_overhead_cpu.json").read_text())
+    assert [rec["tokens"] for rec in data["results"]] == [16, 64]
+    assert all(rec["plain_s"] > 0 and rec["ep1_s"] > 0 for rec in data["results"])
