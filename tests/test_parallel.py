@@ -167,7 +167,7 @@ def test_sft_under_fsdp2_ep_matches_ddp_and_reshards(tmp_path):
     from r1x.train import SFTConfig, SFTTrainer
 
     out = torchrun([str(TRAINER_SCRIPT), "sft", str(tmp_path)], cwd=tmp_path, nproc=2, timeout=600)
-    assert "TRAINER SFT OK" in out, out[-3000:]
+    assert "TRAINER SFT OK" in out and "TRAINER SFT FP8 OK" in out, out[-3000:]
     ckpt = tmp_path / "fsdp" / "checkpoint-2"
     assert sorted(os.listdir(ckpt)) == ["config.json", "dcp", "rank0.pt", "rank1.pt", "trainer_state.pt"]
     want = final_weights(tmp_path / "at2")
@@ -289,3 +289,19 @@ def test_bench_dist_overhead_runs(tmp_path):
     data = json.loads((tmp_path / "bench_dist_overhead_cpu.json").read_text())
     assert [rec["tokens"] for rec in data["results"]] == [16, 64]
     assert all(rec["plain_s"] > 0 and rec["ep1_s"] > 0 for rec in data["results"])
+
+
+@needs_gloo
+def test_mixed_precision_policy_in_one_process(tmp_path):
+    """`parallel: {mixed_precision: bfloat16}` (torchtitan's policy: bf16 compute, fp32 reduction
+    and master weights) trains close to fp32 and keeps the master weights in fp32."""
+    from r1x.train import SFTConfig, SFTTrainer
+
+    base = dict(SFT_COMMON, eval_steps=0, max_steps=3)
+    ref = SFTTrainer(SFTConfig(output_dir=str(tmp_path / "fp32"), **base)).train()
+    t = SFTTrainer(SFTConfig(output_dir=str(tmp_path / "bf16"), parallel={"mixed_precision": "bfloat16"}, **base))
+    got = t.train()
+    assert all(p.dtype == torch.float32 for p in t.model.parameters())
+    for a, b in zip(ref, got):
+        assert a["loss"] != b["loss"] and abs(a["loss"] - b["loss"]) < 2e-2 * a["loss"], (a, b)
+    t.world.close()

@@ -82,6 +82,15 @@ def sft(out):
             ["checkpoint-2", "checkpoint-4"]
         print(f"TRAINER SFT OK ddp-vs-fsdp worst {worst:.3g}", flush=True)
     dist.barrier()
+    # FP8 training (FP8Linear over the master weights) sharded the same way
+    fp8 = dict(common, max_steps=2, eval_steps=0, fp8=True)
+    h = {name: SFTTrainer(SFTConfig(output_dir=os.path.join(out, f"fp8-{name}"), parallel=spec, **fp8)).train()
+         for name, spec in (("ddp", {}), ("fsdp", {"ep": 2}))}
+    if rank == 0:
+        diffs = [abs(a["loss"] - b["loss"]) for a, b in zip(h["ddp"], h["fsdp"])]
+        assert len(diffs) == 2 and max(diffs) <= 1e-3, (h["ddp"], h["fsdp"])
+        print(f"TRAINER SFT FP8 OK worst {max(diffs):.3g}", flush=True)
+    dist.barrier()
     par.world.close()
 
 

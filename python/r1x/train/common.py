@@ -433,9 +433,6 @@ class Trainer:
             from torch.distributed.fsdp import MixedPrecisionPolicy
 
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        if self.config.fp8:
-            raise ValueError(f"{type(self).__name__}: `fp8` training under `parallel` (FSDP2) is not supported yet; "
-                             "use DDP (no `parallel`) for FP8 training")
         try:
             parallelize(self.model, ep=spec.get("ep", 1), dp_shard=spec.get("dp_shard"), mp_policy=mp,
                         reshard_after_forward=spec.get("reshard_after_forward", True))
