@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = ["expert_parallel", "parallelize", "clip_grad_norm_", "save_checkpoint", "load_checkpoint",
-           "full_state_dict", "iter_full_tensors", "global_view"]
+           "full_state_dict", "iter_full_tensors", "global_view", "global_state_dict"]
 
 
 def expert_parallel(moe: nn.Module, group: dist.ProcessGroup | None = None) -> nn.Module:
@@ -263,7 +263,7 @@ def global_view(model: nn.Module, name: str, t: torch.Tensor, flat: bool = False
     return DTensor.from_local(t.to_local(), mesh, placements, run_check=False, shape=shape, stride=stride)
 
 
-def _global_state_dict(model: nn.Module) -> dict:
+def global_state_dict(model: nn.Module) -> dict:
     """``model.state_dict()`` with every sharded tensor as a global view (a DTensor over the
     ranks that hold its parts), so that torch.distributed.checkpoint can save it once and load it
     into any other sharding. The views share the parameters' storage (loading writes into them)."""
@@ -331,7 +331,7 @@ def save_checkpoint(model: nn.Module, path: str) -> None:
         shutil.rmtree(tmp)
     if distributed:
         dist.barrier()
-    dcp.save(_global_state_dict(model), checkpoint_id=tmp, no_dist=not distributed)
+    dcp.save(global_state_dict(model), checkpoint_id=tmp, no_dist=not distributed)
     if distributed:
         dist.barrier()
     if rank == 0:
@@ -351,6 +351,6 @@ def load_checkpoint(model: nn.Module, path: str) -> None:
     if not os.path.isdir(path):
         raise FileNotFoundError(f"load_checkpoint: no checkpoint folder at {path!r}")
     distributed = dist.is_available() and dist.is_initialized()
-    target = _global_state_dict(model)
+    target = global_state_dict(model)
     check_checkpoint_keys(target, path, "load_checkpoint")
     dcp.load(target, checkpoint_id=path, no_dist=not distributed)

@@ -410,7 +410,7 @@ class Trainer:
         self._replica = None  # under `parallel`: a plain copy of the model for generation and export
         self._replica_step = None
         if self.parallel:
-            self._replica = copy.deepcopy(self.model).to("meta")  # materialised on first use
+            self._replica = _meta_copy(self.model)  # materialised on first use
             self._parallelize()
             self.ddp_model = self.model
         else:
@@ -600,7 +600,7 @@ class Trainer:
         """What DCP saves and loads: the weights and the optimizer state, each tensor as a
         global view (the experts over the (ep, edp) mesh), keyed by parameter name. The views
         share storage with the live tensors, so loading writes into them."""
-        from r1x.parallel import _global_state_dict, global_view
+        from r1x.parallel import global_state_dict, global_view
 
         names = {id(p): n for n, p in self.model.named_parameters()}
         optim = {}
@@ -610,7 +610,7 @@ class Trainer:
                 if st:
                     n = names[id(p)]
                     optim[n] = {k: global_view(self.model, n, v) for k, v in st.items() if torch.is_tensor(v)}
-        return {"model": _global_state_dict(self.model), "optim": optim}
+        return {"model": global_state_dict(self.model), "optim": optim}
 
     def _save_sharded(self, path: str) -> None:
         import torch.distributed.checkpoint as dcp
@@ -842,6 +842,16 @@ def export_checkpoint(path: str, out: str) -> str:
     tok = load_tokenizer(spec) if isinstance(spec, str) and os.path.isdir(spec) else ByteTokenizer()
     tok.save(out)
     return out
+
+
+def _meta_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of ``model`` whose parameters and buffers are on the meta device (no memory:
+    the weights are not copied), to be materialised later with ``to_empty``."""
+    memo = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = torch.nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else meta
+    return copy.deepcopy(model, memo)
 
 
 def _rng_state() -> dict:
