@@ -3,7 +3,9 @@
 :class:`World` reads torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), starts
 the process group (NCCL when every rank of the node has a GPU of its own, else gloo on the CPU), wraps the model in
 ``DistributedDataParallel`` and gives each rank its share of the prompts. A single process is a
-world of one: nothing is wrapped and the collectives return their input.
+world of one: nothing is wrapped and the collectives return their input. (With a trainer's
+``parallel`` config the model is sharded by :func:`r1x.parallel.parallelize` instead of wrapped,
+and a single process gets a process group of one.)
 """
 
 from __future__ import annotations
