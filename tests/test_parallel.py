@@ -18,6 +18,15 @@ from r1x.testing import load_module, torchrun
 needs_gloo = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
 SCRIPT = Path(__file__).parent / "dist" / "ep_moe.py"
+
+
+@pytest.fixture(autouse=True)
+def no_process_group_left():
+    """A test that starts a process group of one in this process (a trainer with `parallel`)
+    and fails before closing it must not leave it to the next test."""
+    yield
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 TRAIN_SCRIPT = Path(__file__).parent / "dist" / "fsdp_ep_train.py"
 DCP_SCRIPT = Path(__file__).parent / "dist" / "dcp_reshard.py"
 
