@@ -168,17 +168,19 @@ def final_weights(out):
 
 
 @needs_gloo
-def test_sft_under_fsdp2_ep_matches_ddp_and_reshards(tmp_path):
-    """2 ranks: SFT with `parallel: {ep: 2}` equals DDP (losses, gradient norms, weights); a resume
-    from its checkpoint continues bit-identically (in the script). Here, one process: that 2-rank
-    checkpoint loads with `parallel` (resharded 2 -> 1) and without it, to the very weights the
-    2-rank run had at that step, and trains on from its optimizer state."""
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_sft_under_fsdp2_ep_matches_ddp_and_reshards(tmp_path, nproc):
+    """2 ranks (mesh (edp, ep) = (1, 2)) and 4 ranks ((2, 2): the experts also FSDP-sharded): SFT
+    with `parallel: {ep: 2}` equals DDP (losses, gradient norms, exported weights); a resume from
+    its checkpoint continues bit-identically (in the script). Here, one process: that checkpoint
+    loads with `parallel` (resharded to one rank) and without it, to the very weights the run had
+    at that step, and trains on from its optimizer state."""
     from r1x.train import SFTConfig, SFTTrainer
 
-    out = torchrun([str(TRAINER_SCRIPT), "sft", str(tmp_path)], cwd=tmp_path, nproc=2, timeout=600)
+    out = torchrun([str(TRAINER_SCRIPT), "sft", str(tmp_path)], cwd=tmp_path, nproc=nproc, timeout=600)
     assert "TRAINER SFT OK" in out and "TRAINER SFT FP8 OK" in out, out[-3000:]
     ckpt = tmp_path / "fsdp" / "checkpoint-2"
-    assert sorted(os.listdir(ckpt)) == ["config.json", "dcp", "rank0.pt", "rank1.pt", "trainer_state.pt"]
+    assert sorted(os.listdir(ckpt)) == ["config.json", "dcp", *(f"rank{r}.pt" for r in range(nproc)), "trainer_state.pt"]
     want = final_weights(tmp_path / "at2")
     # the sharded checkpoint in the HF layout, in this process: the step-2 weights exactly
     from r1x.cli import main as cli

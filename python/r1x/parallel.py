@@ -210,9 +210,9 @@ def parallelize(model: nn.Module, *, ep: int = 1, dp_shard: int | None = None, m
         layout = torch.arange(world).view(world // ep, ep).t().contiguous()
         model.r1x_expert_mesh = DeviceMesh(device_type, layout, mesh_dim_names=("ep", "edp"))
         if all((m.n_routed_experts // ep) % (world // ep) == 0 for m in moes):
-            # even edp shards: the same layout as one Shard(0) over the ranks in (ep, edp) order,
-            # which gathers in one all-gather instead of two
-            model.r1x_expert_flat_mesh = DeviceMesh(device_type, layout.reshape(-1), mesh_dim_names=("experts",))
+            # even edp shards: every rank holds one equal block of the experts, block k on rank
+            # order[k], so a whole expert tensor is one all-gather over the world plus a reorder
+            model.r1x_expert_order = layout.reshape(-1).tolist()
     return model
 
 
@@ -244,23 +244,40 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
     return norm
 
 
-def global_view(model: nn.Module, name: str, t: torch.Tensor, flat: bool = False) -> torch.Tensor:
+def _is_expert_shard(model: nn.Module, name: str, t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return getattr(model, "r1x_expert_mesh", None) is not None and ".experts." in name and isinstance(t, DTensor)
+
+
+def global_view(model: nn.Module, name: str, t: torch.Tensor) -> torch.Tensor:
     """``t`` (the tensor of ``model``'s parameter or state ``name``, or one shaped like it, e.g.
     its Adam moment) as a global view: an expert shard under expert parallelism becomes one
     DTensor over the ``(ep, edp)`` mesh holding every expert, sharing ``t``'s storage; anything
-    else is returned as it is (a DTensor over its own mesh, or a plain tensor). ``flat``: over
-    the same ranks as one mesh dimension where the layout allows (for gathering)."""
+    else is returned as it is (a DTensor over its own mesh, or a plain tensor)."""
     from torch.distributed.tensor import DTensor, Shard
 
-    expert_mesh = getattr(model, "r1x_expert_mesh", None)
-    if expert_mesh is None or ".experts." not in name or not isinstance(t, DTensor):
+    if not _is_expert_shard(model, name, t):
         return t
+    expert_mesh = model.r1x_expert_mesh
     e_local, rest = t.shape[0], tuple(t.shape[1:])
     shape = torch.Size((e_local * expert_mesh.size(0),) + rest)
     stride = torch.empty(shape, device="meta").stride()
-    flat_mesh = getattr(model, "r1x_expert_flat_mesh", None) if flat else None
-    mesh, placements = (flat_mesh, [Shard(0)]) if flat_mesh is not None else (expert_mesh, [Shard(0), Shard(0)])
-    return DTensor.from_local(t.to_local(), mesh, placements, run_check=False, shape=shape, stride=stride)
+    return DTensor.from_local(t.to_local(), expert_mesh, [Shard(0), Shard(0)], run_check=False,
+                              shape=shape, stride=stride)
+
+
+def _gather_experts(model: nn.Module, t) -> torch.Tensor:
+    """A whole expert tensor from its even shards: one all-gather over the world (blocks arrive
+    in rank order), then the blocks put in expert order (block k lives on rank ``order[k]``).
+    (A 1-D DeviceMesh over the ranks in block order would not do: process groups order their
+    ranks by number, so its all-gather would return the blocks in rank order.)"""
+    local = t.to_local().contiguous()
+    order = model.r1x_expert_order
+    out = local.new_empty((len(order) * local.shape[0],) + tuple(local.shape[1:]))
+    dist.all_gather_into_tensor(out, local)
+    blocks = out.view((len(order),) + tuple(local.shape))
+    return blocks[torch.tensor(order, device=out.device)].flatten(0, 1)
 
 
 def global_state_dict(model: nn.Module) -> dict:
@@ -277,7 +294,10 @@ def iter_full_tensors(model: nn.Module):
     from torch.distributed.tensor import DTensor
 
     for name, t in model.state_dict().items():
-        t = global_view(model, name, t, flat=True)
+        if _is_expert_shard(model, name, t) and getattr(model, "r1x_expert_order", None) is not None:
+            yield name, _gather_experts(model, t)
+            continue
+        t = global_view(model, name, t)
         yield name, (t.full_tensor() if isinstance(t, DTensor) else t.detach())
 
 

@@ -1,4 +1,4 @@
-"""Run under torchrun (gloo, CPU, 2 ranks) by tests/test_parallel.py: the trainers with
+"""Run under torchrun (gloo, CPU, 2 ranks; `sft` also 4) by tests/test_parallel.py: the trainers with
 ``parallel: {ep: 2}`` (FSDP2 + expert parallelism).
 
 ``sft OUT``: SFT under DDP and under FSDP2 + EP from the same seed and data shards: the same
@@ -46,7 +46,7 @@ def sft(out):
     # bad input, on every rank, before anything is written: an EP size that does not divide
     # the experts, a dp_shard that is not the world size
     for spec, overrides, match in (({"ep": 2}, {"n_routed_experts": 3, "n_group": 1, "topk_group": 1}, "divide"),
-                                   ({"dp_shard": 4}, {}, "world size")):
+                                   ({"dp_shard": 2 * int(os.environ["WORLD_SIZE"])}, {}, "world size")):
         try:
             SFTTrainer(SFTConfig(output_dir=os.path.join(out, "bad"), parallel=spec,
                                  **{**common, "model_overrides": overrides}))
@@ -58,7 +58,7 @@ def sft(out):
     ddp = SFTTrainer(SFTConfig(output_dir=os.path.join(out, "ddp"), **common))
     ddp.train()
     par = SFTTrainer(SFTConfig(output_dir=os.path.join(out, "fsdp"), save_steps=2, parallel={"ep": 2}, **common))
-    assert par.model.r1x_mesh.shape == (1, 2)
+    assert par.model.r1x_mesh.shape == (int(os.environ["WORLD_SIZE"]) // 2, 2)  # (edp, ep)
     par.train()
     resumed = SFTTrainer(SFTConfig(output_dir=os.path.join(out, "resumed"), parallel={"ep": 2},
                                    resume=os.path.join(out, "fsdp", "checkpoint-2"), **common))
