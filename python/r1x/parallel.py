@@ -88,15 +88,15 @@ def expert_parallel(moe: nn.Module, group: dist.ProcessGroup | None = None) -> n
     return moe
 
 
-def _regroup_order(recv: torch.Tensor) -> torch.Tensor:
-    """Rows received as blocks (source s, local expert j), s-major, with ``recv[s, j]`` rows each:
-    the gather index that puts them j-major (all of expert 0 from every source, then expert 1...)."""
+def _regroup_order(recv: torch.Tensor, total: int) -> torch.Tensor:
+    """Rows received as blocks (source s, local expert j), s-major, with ``recv[s, j]`` rows each
+    (``total`` in all, known on the host): the gather index that puts them j-major (all of
+    expert 0 from every source, then expert 1...)."""
     n, local = recv.shape
     flat = recv.reshape(-1).long()
     start = (flat.cumsum(0) - flat).view(n, local)  # where block (s, j) starts as received
     lengths = recv.t().reshape(-1).long()  # blocks in j-major order
     out_start = lengths.cumsum(0) - lengths
-    total = int(flat.sum())
     shift = torch.repeat_interleave(start.t().reshape(-1) - out_start, lengths, output_size=total)
     return torch.arange(total, device=recv.device) + shift
 
@@ -124,10 +124,11 @@ def ep_experts(moe: nn.Module, xs: torch.Tensor, counts: torch.Tensor) -> torch.
     recv = torch.empty_like(counts)
     dist.all_to_all_single(recv, counts, group=group)  # [n * local]: from source s, for local expert j
     recv = recv.view(n, local)
-    send_splits = counts.view(n, local).sum(1).tolist()
-    recv_splits = recv.sum(1).tolist()
+    # the split sizes on the host: one device synchronisation for both
+    splits = torch.cat([counts.view(n, local).sum(1), recv.sum(1)]).tolist()
+    send_splits, recv_splits = splits[:n], splits[n:]
     xr = _all_to_all(xs, recv_splits, send_splits, group)
-    order = _regroup_order(recv)
+    order = _regroup_order(recv, sum(recv_splits))
     local_offs = recv.sum(0).cumsum(0).to(torch.int32)
     y_local = moe.experts(xr.index_select(0, order), local_offs)
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=order.device))
