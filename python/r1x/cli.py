@@ -168,7 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    rc = args.func(args)
+    # free what reference cycles keep (a sharded model's FSDP state holds the gloo work objects
+    # of its last collectives) while the interpreter is whole: freed during its finalization
+    # instead, their tensors can abort the process ("terminate called without an active exception")
+    import gc
+
+    gc.collect()
+    return rc
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ checkpoint and must give that eval loss, then one more SGD step must give the lo
 run gets after the same step (written by ``save`` to PATH.next)."""
 
 import copy
+import gc
 import os
 import sys
 
@@ -85,3 +86,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    gc.collect()  # cycles (FSDP state, gloo work objects) freed before interpreter shutdown, not during it
