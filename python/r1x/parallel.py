@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = ["expert_parallel", "parallelize", "clip_grad_norm_", "save_checkpoint", "load_checkpoint",
-           "full_state_dict", "iter_full_tensors", "global_view", "global_state_dict"]
+           "iter_full_tensors", "global_view", "global_state_dict"]
 
 
 def expert_parallel(moe: nn.Module, group: dist.ProcessGroup | None = None) -> nn.Module:
@@ -302,21 +302,19 @@ def iter_full_tensors(model: nn.Module):
         yield name, (t.full_tensor() if isinstance(t, DTensor) else t.detach())
 
 
-def full_state_dict(model: nn.Module) -> dict:
-    """The whole model's tensors, unsharded, on every rank (``{name: tensor}`` as
-    ``state_dict()`` names them), e.g. to export a sharded run in the HF layout. A collective:
-    every rank calls it. What it costs: the full model in memory on every rank, and one
-    all-gather of it. For a plain model, its own (detached) tensors."""
-    return dict(iter_full_tensors(model))
-
-
-def check_checkpoint_keys(target: dict, path: str, who: str) -> None:
-    """Raise ``ValueError`` when the DCP checkpoint at ``path`` lacks a tensor of ``target``
-    (``{name: tensor}``, nested dicts flattened with dots as DCP does) or holds it with another
-    global shape: a checkpoint of another model config."""
+def checkpoint_metadata(path: str) -> dict:
+    """The DCP checkpoint at ``path``'s tensors: ``{key: metadata}`` (keys flattened with dots)."""
     import torch.distributed.checkpoint as dcp
 
-    meta = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    return dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+
+
+def check_checkpoint_keys(target: dict, path: str, who: str, meta: dict | None = None) -> None:
+    """Raise ``ValueError`` when the DCP checkpoint at ``path`` lacks a tensor of ``target``
+    (``{name: tensor}``, nested dicts flattened with dots as DCP does) or holds it with another
+    global shape: a checkpoint of another model config. ``meta``: its
+    :func:`checkpoint_metadata`, when the caller has read it already."""
+    meta = checkpoint_metadata(path) if meta is None else meta
     flat = {}
 
     def walk(prefix, d):

@@ -462,8 +462,9 @@ class Trainer:
                 for name, t in iter_full_tensors(self.model):
                     mine[name].copy_(t)
                 targets = dict(rep.named_buffers())
-                for name, b in self.model.named_buffers():  # the non-persistent ones (rotary tables)
-                    targets[name].copy_(b)
+                for name, b in self.model.named_buffers():
+                    if name not in mine:  # the non-persistent ones (rotary tables): not in the state dict
+                        targets[name].copy_(b)
             self._replica_step = self.step
         return self._replica
 
@@ -550,20 +551,29 @@ class Trainer:
         rank writes its shards; loadable on any other number of ranks), ``trainer_state.pt``
         with the rest, and ``rank<r>.pt`` with each rank's own state (RNG, an in-flight rollout)."""
         path = os.path.join(self.config.output_dir, f"{CHECKPOINT_PREFIX}{self.step}")
-        if self.parallel:
-            self._save_sharded(path)
-            self.world.barrier()
-            self.last_checkpoint = path
-            return path
         tmp = path + ".tmp-save"  # one name every rank agrees on
         if self.world.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
-        if self.world.distributed:  # every rank's own state: its RNG, an in-flight rollout
-            self.world.barrier()
+        self.world.barrier()
+        if self.parallel:
+            self._save_sharded(tmp, path)
+        else:
+            self._save_whole(tmp, path)
+        self.world.barrier()
+        self.last_checkpoint = path
+        return path
+
+    def _save_own_state(self, tmp: str) -> None:
+        """This rank's own state (its RNG, an in-flight rollout) as ``rank<r>.pt``."""
+        torch.save({"extra": self.state_extra(), "rng": _rng_state()}, os.path.join(tmp, f"rank{self.world.rank}.pt"))
+
+    def _save_whole(self, tmp: str, path: str) -> None:
+        """DDP / one process: everything in ``trainer_state.pt`` (rank 0's own state too; the
+        other ranks' in their ``rank<r>.pt``)."""
+        if self.world.distributed:
             if not self.world.is_main:
-                torch.save({"extra": self.state_extra(), "rng": _rng_state()},
-                           os.path.join(tmp, f"rank{self.world.rank}.pt"))
+                self._save_own_state(tmp)
             self.world.barrier()
         if self.world.is_main:
             state = {
@@ -577,9 +587,6 @@ class Trainer:
             }
             torch.save(state, os.path.join(tmp, STATE_FILE))
             self._publish(tmp, path)
-        self.world.barrier()
-        self.last_checkpoint = path
-        return path
 
     def _common_state(self) -> dict:
         return {"scheduler": self.scheduler.state_dict(), "history": self.history,
@@ -602,26 +609,25 @@ class Trainer:
         share storage with the live tensors, so loading writes into them."""
         from r1x.parallel import global_state_dict, global_view
 
-        names = {id(p): n for n, p in self.model.named_parameters()}
         optim = {}
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
-                st = self.optimizer.state.get(p)
-                if st:
-                    n = names[id(p)]
-                    optim[n] = {k: global_view(self.model, n, v) for k, v in st.items() if torch.is_tensor(v)}
+        for n, p in self._optimizer_params():
+            st = self.optimizer.state.get(p)
+            if st:
+                optim[n] = {k: global_view(self.model, n, v) for k, v in st.items() if torch.is_tensor(v)}
         return {"model": global_state_dict(self.model), "optim": optim}
 
-    def _save_sharded(self, path: str) -> None:
+    def _optimizer_params(self):
+        """``(name, parameter)`` for every parameter the optimizer holds."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                yield names[id(p)], p
+
+    def _save_sharded(self, tmp: str, path: str) -> None:
         import torch.distributed.checkpoint as dcp
 
-        tmp = path + ".tmp-dcp"  # one name every rank agrees on
-        if self.world.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-        self.world.barrier()
         dcp.save(self._sharded_state(), checkpoint_id=os.path.join(tmp, "dcp"))
-        torch.save({"extra": self.state_extra(), "rng": _rng_state()}, os.path.join(tmp, f"rank{self.world.rank}.pt"))
+        self._save_own_state(tmp)
         self.world.barrier()
         if self.world.is_main:
             groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
@@ -655,12 +661,7 @@ class Trainer:
         else:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
-            own = state  # rank 0's; another rank's own when the world is the same
-            mine = os.path.join(path, f"rank{self.world.rank}.pt")
-            if self.world.rank and state.get("world_size") == self.world.world_size and os.path.exists(mine):
-                own = torch.load(mine, map_location="cpu", weights_only=False)
-            _set_rng_state(own["rng"])
-            self.load_state_extra(own["extra"])
+            self._load_own_state(path, state, fallback=state)  # the file holds rank 0's
         self.scheduler.load_state_dict(state["scheduler"])
         self.history = list(state["history"])
         self.step = int(state["step"])
@@ -674,16 +675,12 @@ class Trainer:
         if not isinstance(self.optimizer, torch.optim.AdamW):
             raise TypeError(f"{type(self).__name__}: sharded checkpoints know AdamW's state only, "
                             f"not {type(self.optimizer).__name__}'s")
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
-                if f"optim.{names[id(p)]}.exp_avg" not in saved:
-                    continue
-                st = self.optimizer.state[p]
-                if not st:
-                    st["step"] = torch.tensor(0.0)
-                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        for n, p in self._optimizer_params():
+            st = self.optimizer.state[p]
+            if f"optim.{n}.exp_avg" in saved and not st:
+                st["step"] = torch.tensor(0.0)
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
     def _load_sharded(self, path: str, state: dict) -> None:
         """A ``parallel`` checkpoint into this run, whatever its number of ranks and mesh (DCP
@@ -691,25 +688,32 @@ class Trainer:
         import torch.distributed as tdist
         import torch.distributed.checkpoint as dcp
 
-        from r1x.parallel import check_checkpoint_keys
+        from r1x.parallel import check_checkpoint_keys, checkpoint_metadata
 
-        meta = dcp.FileSystemReader(os.path.join(path, "dcp")).read_metadata().state_dict_metadata
+        dcp_path = os.path.join(path, "dcp")
+        meta = checkpoint_metadata(dcp_path)
         self._init_optimizer_state(set(meta))
         target = self._sharded_state()
-        check_checkpoint_keys(target, os.path.join(path, "dcp"), type(self).__name__)
-        dcp.load(target, checkpoint_id=os.path.join(path, "dcp"),
-                 no_dist=not (tdist.is_available() and tdist.is_initialized()))
+        check_checkpoint_keys(target, dcp_path, type(self).__name__, meta)
+        dcp.load(target, checkpoint_id=dcp_path, no_dist=not (tdist.is_available() and tdist.is_initialized()))
         for g, saved in zip(self.optimizer.param_groups, state["param_groups"]):
             g.update(saved)
+        self._load_own_state(path, state, fallback=None)
+
+    def _load_own_state(self, path: str, state: dict, fallback: dict | None) -> None:
+        """This rank's RNG and extra state: its ``rank<r>.pt`` when the checkpoint was written by
+        as many ranks as this run has, else ``fallback`` (``None``: they start afresh, logged)."""
+        own = fallback
         mine = os.path.join(path, f"rank{self.world.rank}.pt")
-        if state["world_size"] == self.world.world_size and os.path.exists(mine):
+        if state.get("world_size") == self.world.world_size and os.path.exists(mine):
             own = torch.load(mine, map_location="cpu", weights_only=False)
-            _set_rng_state(own["rng"])
-            self.load_state_extra(own["extra"])
-        else:
+        if own is None:
             self.log_line(f"resharded: {path} was written by {state['world_size']} rank(s), this run has "
                           f"{self.world.world_size}; weights and optimizer state loaded, the per-rank state "
                           "(RNG, an in-flight rollout) starts afresh")
+            return
+        _set_rng_state(own["rng"])
+        self.load_state_extra(own["extra"])
 
     def _resume(self) -> None:
         r = self.config.resume
