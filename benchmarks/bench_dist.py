@@ -117,10 +117,7 @@ def overhead(args) -> int:
     c = DeepSeekConfig.preset(args.preset)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
-    plain = MoE(c.hidden_size, c.moe_intermediate_size, c.n_routed_experts, c.num_experts_per_tok,
-                n_shared_experts=c.n_shared_experts, n_group=c.n_group, topk_group=c.topk_group,
-                score_func=c.scoring_func, norm_topk_prob=c.norm_topk_prob,
-                routed_scaling_factor=c.routed_scaling_factor, bias_update_speed=0.0, dtype=dtype, device=device).train()
+    plain = MoE.from_config(c, dtype=dtype, device=device, bias_update_speed=0.0).train()
     ep = expert_parallel(copy.deepcopy(plain), dist.group.WORLD)
 
     def sync():

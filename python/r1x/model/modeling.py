@@ -84,11 +84,7 @@ class DeepSeekDecoderLayer(nn.Module):
         self.layer_idx = layer_idx
         self.self_attn = MLA.from_config(c, layer_idx=layer_idx, **f)
         if c.is_moe_layer(layer_idx):
-            self.mlp = MoE(c.hidden_size, c.moe_intermediate_size, c.n_routed_experts, c.num_experts_per_tok,
-                           n_shared_experts=c.n_shared_experts, n_group=c.n_group, topk_group=c.topk_group,
-                           score_func=c.scoring_func, norm_topk_prob=c.norm_topk_prob,
-                           routed_scaling_factor=c.routed_scaling_factor, bias_update_speed=c.bias_update_speed,
-                           seq_aux_loss_alpha=c.aux_loss_alpha, **f)
+            self.mlp = MoE.from_config(c, **f)
         else:
             self.mlp = MoEMLP(c.hidden_size, c.intermediate_size, **f)
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, **f)

@@ -331,6 +331,18 @@ class MoE(nn.Module):
         if fp8:
             self.to_fp8()
 
+    @classmethod
+    def from_config(cls, config, dtype=None, device=None, **overrides) -> "MoE":
+        """The layer for a config with transformers' ``DeepseekV3Config`` field names
+        (``r1x.model.DeepSeekConfig``); ``overrides`` replace constructor arguments."""
+        c = config
+        kwargs = dict(n_shared_experts=c.n_shared_experts, n_group=c.n_group, topk_group=c.topk_group,
+                      score_func=c.scoring_func, norm_topk_prob=c.norm_topk_prob,
+                      routed_scaling_factor=c.routed_scaling_factor, bias_update_speed=c.bias_update_speed,
+                      seq_aux_loss_alpha=c.aux_loss_alpha)
+        return cls(c.hidden_size, c.moe_intermediate_size, c.n_routed_experts, c.num_experts_per_tok,
+                   **{**kwargs, **overrides}, dtype=dtype, device=device)
+
     def reset_parameters(self) -> None:
         """nn.Linear's initialisation for every projection (router and experts), zero bias."""
         with torch.no_grad():
